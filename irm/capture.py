@@ -1,0 +1,458 @@
+"""Capture activations of base and tuned into an :class:`~irm.store.ActivationStore`.
+
+The capture is
+
+- **padding-correct**: texts are left-padded within a batch and the attention mask goes to the model,
+  so a batched capture equals a one-text-at-a-time capture to float precision;
+- **memory-bounded**: hooks reduce activations to the rows asked for as the forward pass runs, and
+  only one batch plus one shard are ever in memory;
+- **resumable**: shard ``i`` covers a fixed range of texts and is committed atomically, so a rerun
+  after a kill computes only the missing shards;
+- **careful**: an unknown hook fails before any forward pass, with close matches suggested, and an
+  existing store is never overwritten without ``overwrite=True``.
+
+Position rules (``positions``):
+
+``all``            every real (non-pad) token of every text
+``last``           the last token of each text
+``response_mean``  the mean over the response's tokens (records with a prompt and a response)
+``target``         the last token of a target word or span in each text (records with a target)
+
+>>> capture_activations({"base": base, "tuned": tuned}, records, "stores/run1",
+...                     hooks=["blocks.3.hook_resid_post"], positions="last")
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from irm.constants import (
+    DEFAULT_HOOK_TEMPLATE,
+    STORE_FORMAT_VERSION,
+    STORE_MANIFEST,
+    STORE_SHARD_DIR,
+)
+from irm.log import get_logger, progress
+from irm.models import LoadedModel
+from irm.store import ActivationStore, activation_key, file_sha256, write_json_atomic
+
+__all__ = [
+    "CaptureRecord",
+    "POSITION_RULES",
+    "capture_activations",
+    "expand_hooks",
+    "validate_hooks",
+    "records_from_texts",
+    "records_from_pairs",
+    "StoreExistsError",
+]
+
+log = get_logger(__name__)
+
+POSITION_RULES = ("all", "last", "response_mean", "target")
+_STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StoreExistsError(FileExistsError):
+    """The output directory holds something that a capture would overwrite."""
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    """One text to run. ``prompt_chars``: where the response starts (for ``response_mean``);
+    ``target``: the character span ``(start, end)`` of the target word (for ``target``)."""
+
+    text: str
+    prompt_chars: int | None = None
+    target: tuple[int, int] | None = None
+
+
+def records_from_texts(texts: Sequence[str], targets: Sequence[str] | None = None) -> list[CaptureRecord]:
+    """Plain texts; with ``targets``, each text's first whole-word occurrence of its target word."""
+    if targets is None:
+        return [CaptureRecord(t) for t in texts]
+    if len(targets) != len(texts):
+        raise ValueError(f"Got {len(texts)} texts but {len(targets)} targets.")
+    out = []
+    for i, (t, w) in enumerate(zip(texts, targets, strict=True)):
+        m = re.search(r"(?<!\w)" + re.escape(w) + r"(?!\w)", t, flags=re.IGNORECASE)
+        if m is None:
+            raise ValueError(f"Record {i}: target word {w!r} does not occur in its text {t!r}.")
+        out.append(CaptureRecord(t, target=(m.start(), m.end())))
+    return out
+
+
+def records_from_pairs(prompts: Sequence[str], responses: Sequence[str]) -> list[CaptureRecord]:
+    """(prompt, response) pairs; the text is ``prompt + response``."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(responses)} responses.")
+    return [CaptureRecord(p + r, prompt_chars=len(p)) for p, r in zip(prompts, responses, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+def expand_hooks(hooks: Sequence[str] | None, n_layers: int, layers: Sequence[int] | str | None = "all") -> list[str]:
+    """Expand ``{layer}`` templates over ``layers`` (``"all"``, or a list of ints; negatives count back)."""
+    hooks = list(hooks) if hooks else [DEFAULT_HOOK_TEMPLATE]
+    if layers is None or layers == "all":
+        layer_ids = list(range(n_layers))
+    else:
+        layer_ids = []
+        for layer in layers:
+            li = int(layer) + (n_layers if int(layer) < 0 else 0)
+            if not 0 <= li < n_layers:
+                raise ValueError(f"Layer {layer} is out of range for a model with {n_layers} layers.")
+            layer_ids.append(li)
+    out: list[str] = []
+    for h in hooks:
+        names = [h.format(layer=li) for li in layer_ids] if "{layer}" in h else [h]
+        out.extend(n for n in names if n not in out)
+    return out
+
+
+def validate_hooks(bridge, hooks: Sequence[str]) -> None:
+    """Fail before any forward pass if a hook name is unknown, suggesting close matches."""
+    valid = set(bridge.hook_dict)
+    bad = [h for h in hooks if h not in valid]
+    if bad:
+        lines = []
+        for h in bad:
+            close = difflib.get_close_matches(h, valid, n=3, cutoff=0.6)
+            lines.append(f"  {h!r}" + (f" -> did you mean {', '.join(map(repr, close))}?" if close else ""))
+        raise KeyError(
+            f"Unknown hook name(s) for this model ({len(valid)} hooks exist, e.g. "
+            f"'blocks.0.hook_resid_post', 'blocks.0.hook_mlp_out'):\n" + "\n".join(lines)
+        )
+
+
+def _hook_layer(name: str) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+class _StopForward(Exception):
+    """Raised by the last hook so layers after it (and the unembedding) are never computed."""
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Tokenized:
+    ids: list[list[int]]
+    select: list[np.ndarray]  # per text: token positions whose rows are kept (or weighted)
+    reduce_mean: bool
+
+
+def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length: int) -> _Tokenized:
+    enc = tokenizer(
+        [r.text for r in records],
+        add_special_tokens=True,
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+    )
+    ids: list[list[int]] = []
+    select: list[np.ndarray] = []
+    for i, (rec, tok_ids, offs) in enumerate(zip(records, enc["input_ids"], enc["offset_mapping"], strict=True)):
+        if not tok_ids:
+            raise ValueError(f"Record {i} tokenizes to no tokens: {rec.text!r}. Remove empty texts.")
+        offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+        n = len(tok_ids)
+        if rule == "all":
+            sel = np.arange(n)
+        elif rule == "last":
+            sel = np.array([n - 1])
+        elif rule == "response_mean":
+            if rec.prompt_chars is None:
+                raise ValueError(f"Record {i} has no prompt/response split; 'response_mean' needs "
+                                 "(prompt, response) records (records_from_pairs).")
+            # A token belongs to the response if it covers any response character.
+            sel = np.nonzero(offs[:, 1] > rec.prompt_chars)[0]
+            if len(sel) == 0:
+                raise ValueError(f"Record {i}: the response is empty or was truncated away "
+                                 f"(max_length={max_length}): {rec.text!r}")
+        elif rule == "target":
+            if rec.target is None:
+                raise ValueError(f"Record {i} has no target span; 'target' needs records with targets.")
+            s, e = rec.target
+            hit = np.nonzero((offs[:, 0] < e) & (offs[:, 1] > s))[0]
+            if len(hit) == 0:
+                raise ValueError(f"Record {i}: no token covers the target span {rec.target} "
+                                 f"({rec.text[s:e]!r}); was it truncated (max_length={max_length})?")
+            sel = hit[-1:]  # the word's last token: the model has read the whole word there
+        else:
+            raise ValueError(f"Unknown position rule {rule!r}; valid rules are {POSITION_RULES}.")
+        ids.append(list(tok_ids))
+        select.append(sel)
+    return _Tokenized(ids, select, reduce_mean=(rule == "response_mean"))
+
+
+def _settings_fingerprint(settings: Mapping[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("irm")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def capture_activations(
+    models: Mapping[str, LoadedModel],
+    records: Sequence[CaptureRecord],
+    out_dir: str | Path,
+    *,
+    hooks: Sequence[str] | None = None,
+    layers: Sequence[int] | str | None = "all",
+    positions: str = "all",
+    batch_size: int = 16,
+    shard_size: int = 256,
+    max_length: int = 256,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    dataset: Mapping[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    _stop_after_shards: int | None = None,
+) -> ActivationStore:
+    """Run ``records`` through every model in ``models`` (e.g. ``{"base": ..., "tuned": ...}``) and
+    store the ``hooks`` activations at ``positions`` in ``out_dir``.
+
+    Returns the store. With ``rank``/``world_size`` each process computes shards ``i`` with
+    ``i % world_size == rank`` into the same directory; rank 0 finalises the manifest once every
+    shard is present (call it after a barrier).
+    """
+    t0 = time.perf_counter()
+    if not models:
+        raise ValueError("capture_activations needs at least one model, e.g. {'base': ..., 'tuned': ...}.")
+    if not records:
+        raise ValueError("capture_activations got an empty dataset: nothing to capture.")
+    if positions not in POSITION_RULES:
+        raise ValueError(f"Unknown position rule {positions!r}; valid rules are {POSITION_RULES}.")
+    if dtype not in _STORE_DTYPES:
+        raise ValueError(f"Unknown store dtype {dtype!r}; valid: {sorted(_STORE_DTYPES)}.")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
+    roles = list(models)
+    first = models[roles[0]]
+    hooks = expand_hooks(hooks, first.n_layers, layers)
+    for m in models.values():
+        validate_hooks(m.bridge, hooks)  # before any forward pass
+    tokenizer = first.tokenizer
+    tok = _tokenize(tokenizer, records, positions, max_length)
+
+    out_dir = Path(out_dir)
+    n = len(records)
+    n_shards = (n + shard_size - 1) // shard_size
+    from irm.data import texts_hash
+
+    settings = {
+        "models": {r: m.identity.to_dict() for r, m in models.items()},
+        "hooks": hooks,
+        "positions": {"rule": positions},
+        "dtype": dtype,
+        "max_length": max_length,
+        "shard_size": shard_size,
+        "dataset_hash": texts_hash([r.text for r in records]),
+        "record_hash": texts_hash([json.dumps(asdict(r), sort_keys=True) for r in records]),
+    }
+    fingerprint = _settings_fingerprint(settings)
+    manifest = {
+        "format_version": STORE_FORMAT_VERSION,
+        "irm_version": _version(),
+        "fingerprint": fingerprint,
+        "roles": roles,
+        **settings,
+        "dataset": {"n_texts": n, "hash": settings["dataset_hash"], **(dict(dataset) if dataset else {})},
+        "n_shards": n_shards,
+        "complete": False,
+    }
+    _prepare_dir(out_dir, fingerprint, settings, overwrite, rank)
+    shard_dir = out_dir / STORE_SHARD_DIR
+    if rank == 0:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / STORE_MANIFEST).is_file():
+            write_json_atomic(out_dir / STORE_MANIFEST, manifest)
+    store = ActivationStore(out_dir, allow_incomplete=True) if (out_dir / STORE_MANIFEST).is_file() else None
+
+    mine = [i for i in range(n_shards) if i % world_size == rank]
+    done = {s.index for s in store.completed_shards()} if store else set()
+    todo = [i for i in mine if i not in done]
+    if done & set(mine):
+        log.info("Resuming store %s: %d of %d shards already done", out_dir, len(done & set(mine)), len(mine))
+    stop_layer = None
+    layers_of = [_hook_layer(h) for h in hooks]
+    if all(li is not None for li in layers_of):
+        stop_layer = max(li for li in layers_of if li is not None) + 1
+
+    bar = progress(total=sum(min(shard_size, n - i * shard_size) for i in todo),
+                   desc=f"capture {'+'.join(roles)}", unit="text")
+    d_of: dict[str, int] = {}
+    for k, i in enumerate(todo):
+        if _stop_after_shards is not None and k >= _stop_after_shards:
+            raise KeyboardInterrupt(f"stopped after {k} shards (test hook)")
+        lo, hi = i * shard_size, min((i + 1) * shard_size, n)
+        tensors = _capture_shard(models, tok, range(lo, hi), hooks, batch_size, stop_layer,
+                                 tokenizer.pad_token_id, _STORE_DTYPES[dtype], bar)
+        for h in hooks:
+            d_of[h] = int(tensors[activation_key(roles[0], h)].shape[-1])
+        _commit_shard(shard_dir, i, tensors)
+    bar.close()
+
+    if rank == 0:
+        store = ActivationStore(out_dir, allow_incomplete=True)
+        completed = store.completed_shards()
+        if len(completed) == n_shards:
+            if not d_of:  # every shard was already there: read the widths back from one
+                from safetensors import safe_open
+
+                with safe_open(str(store.shard_path(0)), framework="pt") as f:
+                    d_of = {h: int(f.get_slice(activation_key(roles[0], h)).get_shape()[-1]) for h in hooks}
+            manifest.update(
+                complete=True,
+                d=d_of,
+                total_rows=sum(s.rows for s in completed),
+                shards=[{"index": s.index, "rows": s.rows, "sha256": s.sha256} for s in completed],
+            )
+            write_json_atomic(out_dir / STORE_MANIFEST, manifest)
+            log.info("Captured %d rows x %d hooks x %d models into %s in %.1f s",
+                     manifest["total_rows"], len(hooks), len(roles), out_dir, time.perf_counter() - t0)
+    return ActivationStore(out_dir, allow_incomplete=world_size > 1)
+
+
+def _prepare_dir(out_dir: Path, fingerprint: str, settings: Mapping[str, Any], overwrite: bool, rank: int) -> None:
+    mf = out_dir / STORE_MANIFEST
+    if overwrite and rank == 0 and out_dir.exists():
+        shutil.rmtree(out_dir)
+        return
+    if mf.is_file():
+        old = json.loads(mf.read_text())
+        if old.get("fingerprint") == fingerprint:
+            return  # same settings: resume (or nothing left to do)
+        diffs = [k for k, v in settings.items()
+                 if json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(v, sort_keys=True, default=str)]
+        raise StoreExistsError(
+            f"{out_dir} already holds a store made with different settings"
+            + (f" (differs in: {', '.join(diffs)})" if diffs else "")
+            + ". Pass --overwrite (overwrite=True) to replace it, or choose another output directory."
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise StoreExistsError(
+            f"{out_dir} exists and is not an activation store; refusing to write into it. "
+            "Choose another output directory or pass --overwrite."
+        )
+
+
+def _capture_shard(
+    models: Mapping[str, LoadedModel],
+    tok: _Tokenized,
+    idx: range,
+    hooks: Sequence[str],
+    batch_size: int,
+    stop_layer: int | None,
+    pad_id: int,
+    store_dtype: torch.dtype,
+    bar,
+) -> dict[str, Tensor]:
+    # Sort the shard's texts by length so batches carry little padding; rows go back in dataset order.
+    order = sorted(idx, key=lambda j: len(tok.ids[j]))
+    per_text: dict[str, dict[int, Tensor]] = {activation_key(r, h): {} for r in models for h in hooks}
+    for b0 in range(0, len(order), batch_size):
+        batch = order[b0 : b0 + batch_size]
+        lens = [len(tok.ids[j]) for j in batch]
+        width = max(lens)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, j in enumerate(batch):
+            ids[r, width - lens[r]:] = torch.tensor(tok.ids[j])
+            mask[r, width - lens[r]:] = 1
+        for role, m in models.items():
+            acts = _forward_hooks(m, ids, mask, hooks, stop_layer)
+            for h, x in acts.items():
+                store = per_text[activation_key(role, h)]
+                for r, j in enumerate(batch):
+                    rows = x[r, (width - lens[r]) + tok.select[j]]  # [k, d] at the text's own positions
+                    store[j] = rows.mean(0, keepdim=True) if tok.reduce_mean else rows
+        bar.update(len(batch))
+    out: dict[str, Tensor] = {}
+    for key, d in per_text.items():
+        out[key] = torch.cat([d[j] for j in idx]).to(store_dtype).contiguous()
+    text_idx, pos, token = [], [], []
+    for j in idx:
+        sel = tok.select[j]
+        if tok.reduce_mean:
+            text_idx.append(np.array([j])), pos.append(np.array([-1])), token.append(np.array([-1]))
+        else:
+            text_idx.append(np.full(len(sel), j)), pos.append(sel), token.append(np.asarray(tok.ids[j])[sel])
+    out["index/text"] = torch.from_numpy(np.concatenate(text_idx).astype(np.int64))
+    out["index/pos"] = torch.from_numpy(np.concatenate(pos).astype(np.int64))
+    out["index/token"] = torch.from_numpy(np.concatenate(token).astype(np.int64))
+    return out
+
+
+def _forward_hooks(m: LoadedModel, ids: Tensor, mask: Tensor, hooks: Sequence[str], stop_layer: int | None):
+    acts: dict[str, Tensor] = {}
+    last = hooks[-1] if stop_layer is None else None
+
+    def make_fn(name: str):
+        def fn(x: Tensor, hook=None):
+            if x.dim() < 3 or x.shape[1] != ids.shape[1]:
+                raise ValueError(f"Hook {name!r} gives shape {tuple(x.shape)}; position rules need "
+                                 "[batch, pos, ...] activations (e.g. hook_resid_post, hook_mlp_out).")
+            acts[name] = x.detach().reshape(x.shape[0], x.shape[1], -1).float().cpu()
+            if name == last and len(acts) == len(hooks):
+                raise _StopForward
+            return x
+
+        return fn
+
+    dev = m.device
+    try:
+        m.bridge.run_with_hooks(
+            ids.to(dev),
+            attention_mask=mask.to(dev),
+            fwd_hooks=[(h, make_fn(h)) for h in hooks],
+            stop_at_layer=stop_layer,
+        )
+    except _StopForward:
+        pass
+    missing = [h for h in hooks if h not in acts]
+    if missing:
+        raise RuntimeError(f"Hooks {missing} never fired during the forward pass; they may be gated off "
+                           "in this model (see TransformerBridge.set_use_* setters).")
+    for h, x in acts.items():
+        if not torch.isfinite(x[mask.bool()]).all():
+            raise FloatingPointError(f"Non-finite activations at hook {h!r} of {m.identity.spec!r}; "
+                                     "check the model weights and dtype (fp16 overflows are common).")
+    return acts
+
+
+def _commit_shard(shard_dir: Path, i: int, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from irm.constants import STORE_SHARD_DONE_FMT, STORE_SHARD_FMT
+
+    path = shard_dir / STORE_SHARD_FMT.format(i)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    rows = int(tensors["index/text"].shape[0])
+    write_json_atomic(shard_dir / STORE_SHARD_DONE_FMT.format(i), {"rows": rows, "sha256": file_sha256(path)})
+

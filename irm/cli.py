@@ -1,0 +1,194 @@
+"""The ``irm`` command line.
+
+    irm run CONFIG              the main job: every stage, results.json + report + wandb run
+    irm capture CONFIG          capture activations of the pair into a store
+    irm tune CONFIG             RLHF-tune the base against the explicit RM (cached)
+    irm explain CONFIG          contrastive explanations of reward comparisons
+    irm store PATH              describe an activation store
+    irm hooks MODEL             list a model's hook names
+    irm config [SECTION]        list the config keys with their help
+
+Any config key can be overridden: ``--set capture.batch_size=8 --set seed=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set capture.batch_size=8")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v  # a bare string
+    return out
+
+
+def _load(args) -> Any:
+    from irm.config import load_config
+
+    return load_config(args.config, overrides=_parse_set(args.set))
+
+
+def _cmd_run(args) -> int:
+    from irm.pipeline import run_experiment
+
+    cfg = _load(args)
+    ctx = run_experiment(cfg, force=args.force, only=args.only, skip=args.skip)
+    print(f"Run directory: {ctx.run_path}")
+    print(f"Results:       {ctx.run.results_path}")
+    report = ctx.run_path / "report.md"
+    if report.is_file():
+        print(f"Report:        {report}")
+    return 0
+
+
+def _cmd_capture(args) -> int:
+    from irm.pipeline import run_capture
+
+    cfg = _load(args)
+    if args.overwrite:
+        cfg.capture.overwrite = True
+    store = run_capture(cfg)
+    print(f"Store: {store.path}  ({store.n_rows} rows, {len(store.hooks)} hooks, roles {store.roles})")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from irm.pipeline import run_experiment
+
+    cfg = _load(args)
+    ctx = run_experiment(cfg, force=args.force, only=["reward", "tune", "pair", "evaluate"])
+    print(f"Tuned model: {ctx.state.get('tuned_checkpoint')}")
+    print(f"Results:     {ctx.run.results_path}")
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    from irm.pipeline import run_experiment
+
+    cfg = _load(args)
+    ctx = run_experiment(cfg, force=args.force, only=["reward", "tune", "pair", "contrastive"])
+    print(f"Results: {ctx.run.results_path}")
+    return 0
+
+
+def _cmd_store(args) -> int:
+    from irm.store import ActivationStore
+
+    store = ActivationStore(args.path, allow_incomplete=True)
+    m = store.manifest
+    print(repr(store))
+    print(json.dumps({k: m[k] for k in ("models", "positions", "dtype", "dataset", "n_shards", "complete")
+                      if k in m}, indent=2))
+    bad = store.verify() if args.verify else []
+    if args.verify:
+        print("verify:", "all shards match their sha256" if not bad else f"corrupt shards {bad}")
+    return 1 if bad else 0
+
+
+def _cmd_hooks(args) -> int:
+    from irm.models import load_model
+
+    m = load_model(args.model)
+    names = sorted(m.bridge.hook_dict)
+    if args.filter:
+        names = [n for n in names if args.filter in n]
+    print("\n".join(names))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    import dataclasses
+
+    from irm.config import _CORE, SECTIONS, _import_stage_modules
+
+    _import_stage_modules()
+    sections = {**_CORE, **SECTIONS}
+    wanted = [args.section] if args.section else list(sections)
+    for name in wanted:
+        if name not in sections:
+            raise SystemExit(f"No section {name!r}; sections: {sorted(sections)}")
+        print(f"[{name}]")
+        for f in dataclasses.fields(sections[name]):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            print(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="irm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="experiment TOML file, e.g. experiments/default.toml")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted), e.g. --set capture.batch_size=8")
+        return sp
+
+    r = with_config(sub.add_parser("run", help="the main job: every stage"))
+    r.add_argument("--force", action="store_true", help="recompute cached results (e.g. retune)")
+    r.add_argument("--only", nargs="+", help="run only these stages")
+    r.add_argument("--skip", nargs="+", help="skip these stages")
+    r.set_defaults(fn=_cmd_run)
+    c = with_config(sub.add_parser("capture", help="capture activations into a store"))
+    c.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    c.set_defaults(fn=_cmd_capture)
+    t = with_config(sub.add_parser("tune", help="RLHF-tune the base against the explicit RM"))
+    t.add_argument("--force", action="store_true", help="retrain even if a cached tuned model exists")
+    t.set_defaults(fn=_cmd_tune)
+    e = with_config(sub.add_parser("explain", help="contrastive explanations of reward comparisons"))
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(fn=_cmd_explain)
+    s = sub.add_parser("store", help="describe an activation store")
+    s.add_argument("path")
+    s.add_argument("--verify", action="store_true", help="check every shard against its sha256")
+    s.set_defaults(fn=_cmd_store)
+    h = sub.add_parser("hooks", help="list a model's hook names")
+    h.add_argument("model", help="model spec, e.g. smollm2-135m-instruct or tiny-llama")
+    h.add_argument("--filter", help="only names containing this")
+    h.set_defaults(fn=_cmd_hooks)
+    g = sub.add_parser("config", help="list config sections and keys with their help")
+    g.add_argument("section", nargs="?")
+    g.set_defaults(fn=_cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from irm.log import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging("DEBUG" if args.verbose else ("WARNING" if args.quiet else "INFO"))
+    if args.quiet:
+        os.environ["IRM_PROGRESS"] = "0"
+    from irm.config import ConfigError
+    from irm.store import StoreError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, StoreError, FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
+        # Bad input: say what was wrong and how to fix it, without a traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"irm {args.cmd}: error: {msg}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Explicit reward models behind one interface (:class:`RewardModel`).
+
+Kinds register themselves in :data:`REWARD_MODELS`; ``build_reward_model(kind, **params)`` builds one
+from a config section. Every RM is also a trl reward function: ``rm(prompts, completions)``.
+"""
+
+from irm.rewards.base import (
+    REWARD_MODELS,
+    BaseRewardModel,
+    Preference,
+    RewardModel,
+    build_reward_model,
+    completion_text,
+    register_reward_model,
+)
+from irm.rewards.classifier import SequenceClassifierRM
+from irm.rewards.lexicon import TokenUtilityRM, load_lexicon, vader_lexicon_path
+
+__all__ = [
+    "REWARD_MODELS",
+    "BaseRewardModel",
+    "Preference",
+    "RewardModel",
+    "SequenceClassifierRM",
+    "TokenUtilityRM",
+    "build_reward_model",
+    "completion_text",
+    "load_lexicon",
+    "register_reward_model",
+    "vader_lexicon_path",
+]
