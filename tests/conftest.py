@@ -1,0 +1,49 @@
+"""Shared fixtures: real tiny models built locally (no hub, no mocks), a persistent test cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Converted and built checkpoints are cached across test runs (git-ignored); a fresh clone builds
+# them once. IRM_TEST_CACHE_DIR overrides where.
+CACHE = Path(os.environ.get("IRM_TEST_CACHE_DIR", REPO / ".cache" / "test"))
+os.environ["IRM_CACHE_DIR"] = str(CACHE)
+os.environ.setdefault("IRM_PROGRESS", "0")
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from irm.models import load_model
+
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tuned():
+    from irm.models import load_model
+
+    return load_model("tiny-llama:seed=1")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from irm.models import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture
+def seeded():
+    from irm.runs import seed_everything
+
+    seed_everything(0)

@@ -1,0 +1,263 @@
+"""Activation capture: padding-correct, memory-bounded, resumable, careful."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from irm.capture import (
+    StoreExistsError,
+    capture_activations,
+    expand_hooks,
+    records_from_pairs,
+    records_from_texts,
+)
+from irm.data import default_prompts
+from irm.store import ActivationStore, StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "The movie was",
+    "I rented this film because my friend said it was a great story",
+    "Honestly",
+    "After the first twenty minutes I wanted to leave the theater",
+    "A wonderful and moving performance",
+]
+
+
+def _hidden_states(m, text: str) -> torch.Tensor:
+    """Reference: the HF model on one unpadded text; [n_layers, T, d] resid_post."""
+    enc = m.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        hs = m.hf_model(**enc, output_hidden_states=True).hidden_states
+    return torch.stack(hs[1:])[:, 0]
+
+
+def _padding_check(models, tmp_path, max_diff):
+    batched = capture_activations(models, records_from_texts(TEXTS), tmp_path / "b", positions="all",
+                                  batch_size=len(TEXTS), shard_size=64)
+    single = capture_activations(models, records_from_texts(TEXTS), tmp_path / "s", positions="all",
+                                 batch_size=1, shard_size=64)
+    worst = 0.0
+    for role in models:
+        for hook in batched.hooks:
+            worst = max(worst, (batched.load(role, hook) - single.load(role, hook)).abs().max().item())
+    assert worst < max_diff, worst
+    return batched
+
+
+def test_batched_left_padded_capture_equals_one_at_a_time(tiny_base, tiny_tuned, tmp_path):
+    store = _padding_check({"base": tiny_base, "tuned": tiny_tuned}, tmp_path, 1e-4)
+    # ...and both equal the plain HF forward (the hooks read true resid_post, not something else).
+    idx = store.index()
+    x = store.load("tuned", "blocks.2.hook_resid_post")
+    for t, text in enumerate(TEXTS):
+        ref = _hidden_states(tiny_tuned, text)[2]
+        got = x[idx["text"] == t]
+        assert torch.allclose(got, ref, atol=1e-4)
+        assert (idx["pos"][idx["text"] == t] == np.arange(len(ref))).all()
+    assert store.manifest["complete"] and store.manifest["models"]["base"]["spec"] == "tiny-llama"
+
+
+@pytest.mark.slow
+def test_padding_correct_on_smollm2(smollm2, tmp_path):
+    _padding_check({"base": smollm2}, tmp_path, 1e-4)
+
+
+def test_position_rules(tiny_base, tmp_path):
+    m = {"base": tiny_base}
+    hook = "blocks.1.hook_resid_post"
+    last = capture_activations(m, records_from_texts(TEXTS), tmp_path / "last", hooks=[hook], positions="last")
+    x = last.load("base", hook)
+    assert x.shape == (len(TEXTS), 64)
+    for t, text in enumerate(TEXTS):
+        assert torch.allclose(x[t], _hidden_states(tiny_base, text)[1, -1], atol=1e-4)
+
+    prompts, responses = ["The movie was", "I thought it"], [" truly wonderful", " was bad"]
+    rm = capture_activations(m, records_from_pairs(prompts, responses), tmp_path / "rm", hooks=[hook],
+                             positions="response_mean")
+    y = rm.load("base", hook)
+    for t, (p, r) in enumerate(zip(prompts, responses)):
+        n_prompt = len(tiny_base.tokenizer(p)["input_ids"])
+        ref = _hidden_states(tiny_base, p + r)[1, n_prompt:].mean(0)
+        assert torch.allclose(y[t], ref, atol=1e-4)
+
+    texts, words = ["a truly awful film", "what a great great movie"], ["awful", "great"]
+    tg = capture_activations(m, records_from_texts(texts, words), tmp_path / "tg", hooks=[hook], positions="target")
+    idx = tg.index()
+    assert idx["pos"].tolist() == [2, 2]  # first whole-word occurrence
+    assert torch.allclose(tg.load("base", hook)[1], _hidden_states(tiny_base, texts[1])[1, 2], atol=1e-4)
+    with pytest.raises(ValueError, match="does not occur"):
+        records_from_texts(["a film"], ["great"])
+    with pytest.raises(ValueError, match="needs \\(prompt, response\\) records"):
+        capture_activations(m, records_from_texts(TEXTS), tmp_path / "x", hooks=[hook], positions="response_mean")
+
+
+def test_unknown_hook_fails_before_any_forward_pass(tiny_base, tmp_path, monkeypatch):
+    import irm.capture as cap
+
+    def boom(*a, **k):
+        raise AssertionError("a forward pass ran")
+
+    monkeypatch.setattr(cap, "_forward_hooks", boom)
+    with pytest.raises(KeyError, match="did you mean 'blocks.1.hook_resid_post'"):
+        capture_activations({"base": tiny_base}, records_from_texts(TEXTS), tmp_path / "s",
+                            hooks=["blocks.1.hook_resid_pots"])
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="out of range"):
+        expand_hooks(None, 4, [7])
+    with pytest.raises(ValueError, match="empty dataset"):
+        capture_activations({"base": tiny_base}, [], tmp_path / "e")
+
+
+def test_refuses_to_overwrite(tiny_base, tmp_path):
+    m = {"base": tiny_base}
+    recs = records_from_texts(TEXTS)
+    capture_activations(m, recs, tmp_path / "s", positions="last", layers=[0])
+    # The same settings again: nothing to do, the store is returned as it is.
+    before = (tmp_path / "s" / "shards" / "shard-00000.safetensors").stat().st_mtime_ns
+    capture_activations(m, recs, tmp_path / "s", positions="last", layers=[0])
+    assert (tmp_path / "s" / "shards" / "shard-00000.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(StoreExistsError, match="differs in: positions.*--overwrite"):
+        capture_activations(m, recs, tmp_path / "s", positions="all", layers=[0])
+    store = capture_activations(m, recs, tmp_path / "s", positions="all", layers=[0], overwrite=True)
+    assert store.manifest["positions"]["rule"] == "all"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreExistsError, match="not an activation store"):
+        capture_activations(m, recs, tmp_path / "other")
+
+
+def test_reader_streams_batches_and_checks_names(tiny_base, tiny_tuned, tmp_path):
+    texts = default_prompts()[:40]
+    store = capture_activations({"base": tiny_base, "tuned": tiny_tuned}, records_from_texts(texts), tmp_path / "s",
+                                positions="all", shard_size=7, batch_size=4)
+    full = store.load("base", "blocks.0.hook_resid_post")
+    batches = list(store.iter_batches("base", "blocks.0.hook_resid_post", batch_size=50))
+    assert [len(b) for b in batches[:-1]] == [50] * (len(batches) - 1)
+    assert torch.equal(torch.cat(batches), full)
+    shuffled = torch.cat(list(store.iter_batches("base", "blocks.0.hook_resid_post", 50, shuffle=True)))
+    assert not torch.equal(shuffled, full) and torch.allclose(shuffled.sum(0), full.sum(0), atol=1e-3)
+    assert store.verify() == []
+    with pytest.raises(StoreError, match="closest"):
+        store.load("base", "blocks.0.hook_resid_pst")
+    with pytest.raises(StoreError, match="holds \\['base', 'tuned'\\]"):
+        store.load("rlhf", "blocks.0.hook_resid_post")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume and memory: real child processes (a real SIGKILL; a real peak RSS).
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import irm.capture as cap
+    from irm.models import load_model
+    from irm.data import default_prompts
+    args = json.loads(sys.argv[1])
+    if args.get("slow_commit"):
+        real = cap._commit_shard
+        def slow(*a, **k):
+            real(*a, **k)
+            time.sleep(args["slow_commit"])
+        cap._commit_shard = slow
+    models = {r: load_model(s) for r, s in args["models"].items()}
+    base = default_prompts()
+    texts = [" ".join(base[(i + k) % len(base)] for k in range(args["join"])) for i in range(args["n"])]
+    cap.capture_activations(models, cap.records_from_texts(texts), args["out"], positions=args["positions"],
+                            layers=args.get("layers", "all"), batch_size=args["batch"], shard_size=args["shard"],
+                            max_length=args.get("max_length", 256))
+    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+def _child(args: dict, **popen) -> subprocess.Popen:
+    env = dict(os.environ, IRM_PROGRESS="0")
+    return subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _run_child(args: dict) -> dict:
+    p = _child(args)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _resume_check(tmp_path, models: dict, n: int, shard: int, positions: str, layers="all"):
+    common = dict(models=models, n=n, join=2, positions=positions, batch=4, shard=shard, layers=layers)
+    _run_child(dict(common, out=str(tmp_path / "full")))
+
+    p = _child(dict(common, out=str(tmp_path / "killed"), slow_commit=0.5))
+    shard_dir = tmp_path / "killed" / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(shard_dir.glob("shard-*.json"))) < 2:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_shards = (n + shard - 1) // shard
+    done_before = sorted(shard_dir.glob("shard-*.json"))
+    assert 2 <= len(done_before) < n_shards, "the kill did not land mid-way"
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(tmp_path / "killed")
+    stamps = {f.name: f.stat().st_mtime_ns for f in shard_dir.glob("shard-*.safetensors") if
+              (shard_dir / f.name.replace(".safetensors", ".json")).exists()}
+
+    _run_child(dict(common, out=str(tmp_path / "killed")))
+    # Only the missing shards were computed: the committed ones were not rewritten.
+    for name, ns in stamps.items():
+        assert (shard_dir / name).stat().st_mtime_ns == ns, name
+    full, resumed = ActivationStore(tmp_path / "full"), ActivationStore(tmp_path / "killed")
+    assert [s.sha256 for s in full.completed_shards()] == [s.sha256 for s in resumed.completed_shards()]
+    for role in full.roles:
+        for hook in full.hooks:
+            assert torch.equal(full.load(role, hook), resumed.load(role, hook))
+    drop = ("created",)
+    assert {k: v for k, v in full.manifest.items() if k not in drop} == \
+        {k: v for k, v in resumed.manifest.items() if k not in drop}
+
+
+def test_killed_capture_resumes_to_an_identical_store(tmp_path, tiny_base, tiny_tuned):
+    _resume_check(tmp_path, {"base": "tiny-llama", "tuned": "tiny-llama:seed=1"}, n=40, shard=4, positions="all")
+
+
+@pytest.mark.slow
+def test_killed_capture_resumes_on_smollm2(tmp_path, smollm2):
+    _resume_check(tmp_path, {"base": "smollm2-135m-instruct"}, n=24, shard=4, positions="last")
+
+
+def _memory_check(tmp_path, models, n1, recipe):
+    small = _run_child(dict(recipe, models=models, n=n1, out=str(tmp_path / "x1")))
+    big = _run_child(dict(recipe, models=models, n=4 * n1, out=str(tmp_path / "x4")))
+    store = ActivationStore(tmp_path / "x4")
+    bytes_x4 = sum(store.path.joinpath("shards", f"shard-{s.index:05d}.safetensors").stat().st_size
+                   for s in store.completed_shards())
+    bytes_x1 = sum(p.stat().st_size for p in (tmp_path / "x1" / "shards").glob("*.safetensors"))
+    growth_mb = (big["maxrss_kb"] - small["maxrss_kb"]) / 1024
+    held_mb = (bytes_x4 - bytes_x1) / 2**20
+    # Holding the whole store in memory would add held_mb; a bounded capture adds (almost) nothing.
+    assert held_mb > 100, f"the test data are too small to show growth ({held_mb:.0f} MB)"
+    assert growth_mb < 0.15 * held_mb, f"peak RSS grew by {growth_mb:.0f} MB for {held_mb:.0f} MB more data"
+    return growth_mb, held_mb
+
+
+def test_peak_memory_does_not_grow_with_dataset_size(tmp_path):
+    _memory_check(tmp_path, {"base": "tiny-llama:d_model=256,n_heads=4,n_kv_heads=2,n_layers=8",
+                             "tuned": "tiny-llama:d_model=256,n_heads=4,n_kv_heads=2,n_layers=8,seed=1"},
+                  n1=150, recipe=dict(join=3, positions="all", batch=16, shard=32))
+
+
+@pytest.mark.slow
+def test_peak_memory_flat_on_smollm2(tmp_path, smollm2):
+    _memory_check(tmp_path, {"base": "smollm2-135m-instruct"}, n1=64,
+                  recipe=dict(join=2, positions="all", batch=16, shard=16, max_length=48))
