@@ -301,7 +301,7 @@ def _import_stage_modules() -> None:
     """Import the modules that register config sections (tune, irm, features, contrastive...)."""
     import importlib
 
-    for mod in ("irm.tune", "irm.irm_stage", "irm.features", "irm.contrastive"):
+    for mod in ("irm.tune", "irm.implicit.stage", "irm.features", "irm.contrastive"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -194,7 +194,7 @@ def run_capture(cfg: ExperimentConfig) -> Any:
 def _import_stages() -> None:
     import importlib
 
-    for mod in ("irm.tune", "irm.evaluate", "irm.divergence", "irm.irm_stage", "irm.features",
+    for mod in ("irm.tune", "irm.evaluate", "irm.divergence", "irm.implicit.stage", "irm.features",
                 "irm.contrastive", "irm.report"):
         try:
             importlib.import_module(mod)

@@ -18,7 +18,9 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models run fastest on one thread, and several test processes may share the two cores.
+torch.set_num_threads(int(os.environ.get("IRM_TEST_THREADS", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("IRM_TEST_THREADS", "1"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,213 @@
+"""Reconstruct the IRM as a word -> utility table and compare it with the explicit table.
+
+Sources of the implicit reward (targets always come from the pair, never from the explicit RM):
+
+``logratio``          direct: mean over templates of ``log p_tuned(w) - log p_base(w)``; no probe.
+``probe:logratio``    a ridge probe on activations (tuned, base or tuned - base, per layer) fitted to
+                      the fit words' log-ratio, then applied to held-out words.
+``probe:triple``      a ridge probe fitted to the contrastive-triple target: the distance, in the tuned
+                      model's activations at the slot, between the word's sentence and the neutral
+                      sentence, signed by whether the pair prefers the word over the neutral word
+                      (log-ratio difference). The paper signs it by the triple's positive/negative role;
+                      with lexicon-built triples that role is the lexicon's sign, so that variant,
+                      ``probe:triple_lexsign``, is reported as weakly supervised, never as the IRM.
+
+Reference points reported beside them, never called the IRM:
+
+``ceiling``           a probe fitted directly on the explicit utilities of the fit words (decodability).
+``control``           the same constructions on the untuned base model as if it were tuned: with base
+                      in place of tuned every log-ratio is identically zero, so the control uses the
+                      base's own preference against a uniform reference (``log p_base(w)``, centred) and
+                      probes on base activations fitted to it. The gain of tuned over control is the finding.
+
+Held-out words are never used in fitting or in choosing the best source: the best unsupervised
+source is chosen by 5-fold cross-validated Kendall tau on the fit words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from probes import RidgeProbe, bootstrap_ci, kendall_tau, pairwise_accuracy, sign_agreement, spearman
+
+__all__ = ["WordData", "SourceResult", "reconstruct", "rescale", "RECOVERED_TOL", "BADLY_WRONG_MIN"]
+
+RECOVERED_TOL = 1.0  # a word is "recovered": same sign and within 1.0 of the true utility (VADER is in [-4, 4])
+BADLY_WRONG_MIN = 1.0  # "badly wrong": opposite sign, with both |true| and |reconstructed| at least 1.0
+UNSUPERVISED = ("logratio", "probe:logratio", "probe:triple")
+
+
+@dataclass
+class WordData:
+    """Everything read from the pair about the split's words (rows in ``split.all_words`` order)."""
+
+    words: list[str]
+    n_fit: int
+    utilities: np.ndarray  # [n_words] explicit utilities (only used for evaluation and the ceiling)
+    lp_base: np.ndarray  # [n_words, T]
+    lp_tuned: np.ndarray  # [n_words, T]
+    feats: dict[str, dict[str, np.ndarray]]  # hook -> {"tuned", "base", "diff"} -> [n_words, d]
+    triple_dist: dict[str, np.ndarray]  # hook -> [n_words] slot distance word vs neutral (tuned)
+    neutral_logratio: float  # mean log-ratio of the neutral words
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fit(self) -> slice:
+        return slice(0, self.n_fit)
+
+    @property
+    def test(self) -> slice:
+        return slice(self.n_fit, len(self.words))
+
+
+@dataclass
+class SourceResult:
+    name: str  # e.g. "probe:logratio/tuned/blocks.5.hook_resid_post"
+    kind: str  # logratio | probe:logratio | probe:triple | probe:triple_lexsign | ceiling | control
+    features: str | None
+    hook: str | None
+    pred_all: np.ndarray  # rescaled predictions for every word (fit words in-sample, test words held out)
+    cv_tau_fit: float
+    metrics: dict[str, dict[str, float]]
+    counts: dict[str, int]
+    supervised: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "features": self.features, "hook": self.hook,
+                "cv_tau_fit": self.cv_tau_fit, "metrics": self.metrics, "counts": self.counts,
+                "supervised": self.supervised}
+
+
+def rescale(pred: np.ndarray, table_values: np.ndarray) -> np.ndarray:
+    """Map predictions onto the explicit table's range, keeping zero at zero (no change = no reward).
+
+    The scale matches the 95th percentiles of ``|pred|`` and of ``|table|``: robust to a few extreme
+    words, and it uses only the table's range, never any word's utility.
+    """
+    q_pred = np.quantile(np.abs(pred), 0.95)
+    q_tab = np.quantile(np.abs(table_values), 0.95)
+    return pred * (q_tab / q_pred) if q_pred > 0 else pred.copy()
+
+
+def _metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, fn in (("kendall_tau", kendall_tau), ("spearman", spearman), ("sign_agreement", sign_agreement),
+                     ("pairwise_accuracy", pairwise_accuracy)):
+        if np.ptp(p) == 0:
+            out[name] = {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": int(len(y))}
+            continue
+        out[name] = bootstrap_ci(fn, y, p, n_boot=n_boot, seed=seed).to_dict()
+    return out
+
+
+def _counts(y: np.ndarray, p: np.ndarray) -> dict[str, int]:
+    same = np.sign(y) == np.sign(p)
+    recovered = same & (np.abs(p - y) <= RECOVERED_TOL)
+    badly = (~same) & (np.abs(y) >= BADLY_WRONG_MIN) & (np.abs(p) >= BADLY_WRONG_MIN)
+    return {"n": int(len(y)), "recovered": int(recovered.sum()), "badly_wrong": int(badly.sum())}
+
+
+def _cv_predict(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(y))
+    out = np.empty(len(y))
+    for k in range(folds):
+        te = idx[k::folds]
+        tr = np.setdiff1d(idx, te)
+        out[te] = RidgeProbe(alpha="auto").fit(X[tr], y[tr]).predict(X[te])
+    return out
+
+
+def reconstruct(data: WordData, *, n_boot: int = 1000, seed: int = 0, folds: int = 5,
+                feature_sets: Sequence[str] = ("tuned", "base", "diff")) -> list[SourceResult]:
+    """Every source's held-out reconstruction, metrics and counts."""
+    u = data.utilities
+    fit, test = data.fit, data.test
+    y_test = u[test]
+    results: list[SourceResult] = []
+
+    def add(name, kind, pred_raw, cv_pred_fit, *, features=None, hook=None, supervised=False):
+        pred = rescale(pred_raw, u)
+        cv_tau = kendall_tau(u[fit], cv_pred_fit) if np.ptp(cv_pred_fit) > 0 else float("nan")
+        results.append(SourceResult(
+            name=name, kind=kind, features=features, hook=hook, pred_all=pred, cv_tau_fit=float(cv_tau),
+            metrics=_metrics(y_test, pred[test], n_boot, seed), counts=_counts(y_test, pred[test]),
+            supervised=supervised))
+
+    logratio = (data.lp_tuned - data.lp_base).mean(1)
+    add("logratio", "logratio", logratio, logratio[fit])
+    base_pref = data.lp_base.mean(1) - data.lp_base.mean()
+    add("control:logprob", "control", base_pref, base_pref[fit])
+
+    for hook, fs in data.feats.items():
+        triple_pair = np.sign(logratio - data.neutral_logratio) * data.triple_dist[hook]
+        triple_lex = np.sign(u) * data.triple_dist[hook]
+        targets = {
+            "probe:logratio": (logratio, False),
+            "probe:triple": (triple_pair, False),
+            "probe:triple_lexsign": (triple_lex, True),
+            "ceiling": (u, True),
+        }
+        for fname in feature_sets:
+            X = fs[fname]
+            for kind, (target, supervised) in targets.items():
+                probe = RidgeProbe(alpha="auto").fit(X[fit], target[fit])
+                pred = probe.predict(X)
+                cv = _cv_predict(X[fit], target[fit], folds, seed)
+                add(f"{kind}/{fname}/{hook}", kind, pred, cv, features=fname, hook=hook, supervised=supervised)
+        # The control: probes on base activations fitted to the base's own preference.
+        X = fs["base"]
+        probe = RidgeProbe(alpha="auto").fit(X[fit], base_pref[fit])
+        add(f"control:probe/base/{hook}", "control", probe.predict(X), _cv_predict(X[fit], base_pref[fit], folds, seed),
+            features="base", hook=hook)
+    return results
+
+
+def best(results: Sequence[SourceResult], kinds: Sequence[str]) -> SourceResult:
+    """The source of the given kinds with the highest cross-validated tau on the fit words."""
+    cands = [r for r in results if r.kind in kinds and np.isfinite(r.cv_tau_fit)]
+    if not cands:
+        raise ValueError(f"No source of kinds {list(kinds)} has a finite cross-validated tau.")
+    return max(cands, key=lambda r: r.cv_tau_fit)
+
+
+def divergence_table(data: WordData, src: SourceResult, k: int = 15) -> dict[str, list[dict[str, Any]]]:
+    """Held-out words the IRM over- and under-values most relative to the explicit RM."""
+    test = np.arange(len(data.words))[data.test]
+    gap = src.pred_all[test] - data.utilities[test]
+    order = np.argsort(gap)
+
+    def rows(ids):
+        return [{"word": data.words[test[i]], "explicit": float(data.utilities[test[i]]),
+                 "implicit": float(src.pred_all[test[i]]), "gap": float(gap[i])} for i in ids]
+
+    return {"overvalued": rows(order[::-1][:k]), "undervalued": rows(order[:k])}
+
+
+def summarise(results: Sequence[SourceResult]) -> dict[str, Any]:
+    """Headline numbers: best unsupervised IRM, ceiling and control, each with held-out tau and CI."""
+    def brief(r: SourceResult) -> dict[str, Any]:
+        return {"source": r.name, "cv_tau_fit": r.cv_tau_fit, **{k: v for k, v in r.metrics.items()},
+                "counts": r.counts}
+
+    b = best(results, UNSUPERVISED)
+    ceiling = best(results, ["ceiling"])
+    control = best(results, ["control"])
+    tau = b.metrics["kendall_tau"]
+    ctl = control.metrics["kendall_tau"]
+    return {
+        "best_unsupervised": brief(b),
+        "ceiling": brief(ceiling),
+        "control": brief(control),
+        "logratio_direct": brief(next(r for r in results if r.name == "logratio")),
+        "gain_over_control": (tau["value"] - ctl["value"]) if np.isfinite(ctl["value"]) else tau["value"],
+        "best_above_control": bool(tau["low"] > ctl["high"]) if np.isfinite(ctl["high"]) else bool(tau["low"] > 0),
+    }
+
+
+def as_table(words: Sequence[str], values: np.ndarray) -> Mapping[str, float]:
+    return {w: float(v) for w, v in zip(words, values, strict=True)}

@@ -1,0 +1,129 @@
+"""The IRM on a tiny pair whose implicit reward is known.
+
+The tuned model is the base with its unembedding shifted so that, after every template, the logit of
+word w rises by exactly r(w), where r is planted along a direction of the embedding space
+(r(w) = E[w] . v). Held-out words carry the reward through their embeddings, so a probe fitted on
+the fit words must recover the planted ranking of the held-out words.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from irm.implicit import LogRatioRM, WordSplit, reconstruct, summarise, token_log_ratios
+from irm.implicit.reconstruct import best, divergence_table, rescale
+from irm.implicit.stage import collect_word_data, sequence_agreement
+from irm.implicit.words import TEMPLATES, build_triples, word_logprobs
+from irm.models import LoadedModel, ModelIdentity, ModelPair
+from irm.rewards import TokenUtilityRM
+
+
+def _final_states(model: LoadedModel, prefixes: list[str]) -> torch.Tensor:
+    enc = model.tokenizer(prefixes, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.hf_model(**enc, output_hidden_states=True)
+    return out.hidden_states[-1][:, -1]  # left-padded: the last position is each prefix's last token
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_base):
+    """(pair, planted table) with log p_tuned(w|t) - log p_base(w|t) = r(w) - log Z_t for every template t."""
+    torch.manual_seed(0)
+    emb = tiny_base.hf_model.model.embed_tokens.weight.detach()
+    v = torch.randn(emb.shape[1])
+    vocab = tiny_base.tokenizer.get_vocab()
+    words = [w for w in TokenUtilityRM.from_vader().alphabetic_words() if w in vocab]
+    r_tok = emb @ v
+    r_tok = 4 * r_tok / r_tok[[vocab[w] for w in words]].abs().max()  # onto VADER's [-4, 4]
+    H = _final_states(tiny_base, [t.replace("{w}", "").rstrip() for t in TEMPLATES]).double()
+    u = torch.linalg.lstsq(H, torch.ones(len(TEMPLATES), 1, dtype=torch.float64)).solution[:, 0].float()
+    tuned_hf = copy.deepcopy(tiny_base.hf_model)
+    with torch.no_grad():
+        tuned_hf.lm_head.weight += r_tok[:, None] * u[None, :]  # logit(w) += r(w) * (h . u) = r(w)
+    tuned = LoadedModel(tuned_hf, tiny_base.tokenizer,
+                        ModelIdentity(spec="planted", kind="test", checkpoint="planted"))
+    table = {w: float(r_tok[vocab[w]]) for w in words}
+    return ModelPair(tiny_base, tuned), table
+
+
+def test_log_ratio_reward_matches_the_plant(planted):
+    pair, table = planted
+    words = list(table)[:30]
+    lr = word_logprobs(pair.tuned, words) - word_logprobs(pair.base, words)
+    # Per template the log-ratio is r(w) minus a constant (log Z): the ranking is exactly the plant.
+    for t in range(len(TEMPLATES)):
+        assert np.corrcoef(lr[:, t], [table[w] for w in words])[0, 1] > 0.999
+    rm = LogRatioRM(pair, beta=0.5)
+    a, b = words[0], words[1]
+    pa, pb = rm.score(["The movie was"] * 2, [" " + a, " " + b])
+    assert pa - pb == pytest.approx(0.5 * (table[a] - table[b]), abs=1e-3)
+    per_token = token_log_ratios(pair, ["The movie was"], [" " + a + " " + b])[0]
+    assert per_token.shape == (2,)
+
+
+def test_irm_recovers_the_planted_ranking_of_held_out_words(planted, tmp_path):
+    pair, table = planted
+    split = WordSplit.from_words(list(table), test_fraction=0.2, max_words=600, seed=0)
+    hooks = ["blocks.0.hook_resid_post", "blocks.3.hook_resid_post"]
+    data = collect_word_data(pair, split, table, hooks, tmp_path / "store", batch_size=64)
+    assert set(data.words[data.n_fit:]) == set(split.test_words)
+    results = reconstruct(data, n_boot=200, feature_sets=("tuned", "diff"))
+    by_name = {r.name: r for r in results}
+    direct = by_name["logratio"].metrics["kendall_tau"]
+    assert direct["value"] > 0.95  # the log-ratio reads the plant directly
+    # A probe that never saw a held-out word recovers their planted ranking from activations.
+    probe = by_name["probe:logratio/tuned/blocks.0.hook_resid_post"].metrics["kendall_tau"]
+    assert probe["value"] > 0.7 and probe["low"] > 0.6, probe
+    summary = summarise(results)
+    assert summary["best_unsupervised"]["kendall_tau"]["value"] > 0.7
+    # The control (the base's own preference) knows nothing of the plant.
+    assert abs(by_name["control:logprob"].metrics["kendall_tau"]["value"]) < 0.3
+    assert summary["best_above_control"]
+    top = best(results, ["logratio"])
+    div = divergence_table(data, top, k=5)
+    assert len(div["overvalued"]) == 5 and div["overvalued"][0]["gap"] >= div["undervalued"][0]["gap"]
+
+
+def test_identical_models_have_no_implicit_reward(tiny_base, tmp_path):
+    pair = ModelPair(tiny_base, tiny_base)
+    words = ["good", "bad", "movie"]
+    lr = word_logprobs(pair.tuned, words) - word_logprobs(pair.base, words)
+    assert np.abs(lr).max() < 1e-5
+
+
+def test_rescale_keeps_zero_and_ranks():
+    p = np.array([-2.0, 0.0, 1.0, 5.0])
+    r = rescale(p, np.array([-4.0, 4.0, 1.0]))
+    assert r[1] == 0 and np.all(np.diff(r) > 0)
+
+
+def test_split_is_deterministic_and_disjoint():
+    words = [f"w{i}" for i in range(500)]
+    a = WordSplit.from_words(words, test_fraction=0.2, seed=3)
+    b = WordSplit.from_words(list(reversed(words)), test_fraction=0.2, seed=3)
+    assert a == b and not set(a.fit_words) & set(a.test_words)
+    assert 60 < len(a.test_words) < 140
+    assert WordSplit.from_words(words, test_fraction=0.2, seed=4).test_words != a.test_words
+
+
+def test_triples_pair_words_with_opposites():
+    triples = build_triples(["great", "awful", "good", "bad"], [3.1, -3.4, 1.9, -2.5], seed=0)
+    assert len(triples) == 4 * len(TEMPLATES)
+    t = triples[0]
+    assert t.positive == "great" and t.negative == "awful" and t.neutral not in {"great", "awful"}
+    pos, neg, neu = t.sentences()
+    assert pos.endswith("great") and neg.endswith("awful")
+
+
+def test_sequence_agreement_counts_pairwise_preferences():
+    rm = TokenUtilityRM({"good": 2.0, "bad": -2.0})
+    flipped = TokenUtilityRM({"good": -2.0, "bad": 2.0})
+    samples = [{"prompt": "it was", "base": " bad", "tuned": " good"},
+               {"prompt": "it was", "base": " good", "tuned": " good bad bad"}]
+    res = sequence_agreement(rm, {"same": rm, "flipped": flipped}, samples)
+    assert res["same"]["pairwise_agreement"] == 1.0 and res["flipped"]["pairwise_agreement"] == 0.0
+    assert res["same"]["n_pairs"] == 2
