@@ -4,6 +4,7 @@
     irm capture CONFIG          capture activations of the pair into a store
     irm tune CONFIG             RLHF-tune the base against the explicit RM (cached)
     irm explain CONFIG          contrastive explanations of reward comparisons
+    irm report RUN_DIR          rebuild a run's report.md from its results.json
     irm store PATH              describe an activation store
     irm hooks MODEL             list a model's hook names
     irm config [SECTION]        list the config keys with their help
@@ -85,6 +86,13 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from irm.report import write_report
+
+    print(f"Report: {write_report(args.run_dir)}")
+    return 0
+
+
 def _cmd_store(args) -> int:
     from irm.store import ActivationStore
 
@@ -155,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = with_config(sub.add_parser("explain", help="contrastive explanations of reward comparisons"))
     e.add_argument("--force", action="store_true")
     e.set_defaults(fn=_cmd_explain)
+    rp = sub.add_parser("report", help="rebuild report.md of a run directory from its results.json")
+    rp.add_argument("run_dir")
+    rp.set_defaults(fn=_cmd_report)
     s = sub.add_parser("store", help="describe an activation store")
     s.add_argument("path")
     s.add_argument("--verify", action="store_true", help="check every shard against its sha256")
