@@ -154,6 +154,8 @@ class ExperimentConfig:
     name: str = _help("Experiment name: names the run directory and the wandb run.", "default")
     seed: int = _help("Seed for everything random.", 0)
     run_dir: str = _help("Run directory; '{name}' is replaced. Relative to the current directory.", "runs/{name}")
+    num_threads: int | None = _help("torch CPU threads (None: torch's default). Small models on a busy CPU "
+                                    "run faster on 1.", None)
     models: ModelsConfig = _help("The model pair.", factory=ModelsConfig)
     reward: RewardConfig = _help("The explicit reward model.", factory=RewardConfig)
     data: DataConfig = _help("Prompts.", factory=DataConfig)
@@ -301,7 +303,7 @@ def _import_stage_modules() -> None:
     """Import the modules that register config sections (tune, irm, features, contrastive...)."""
     import importlib
 
-    for mod in ("irm.tune", "irm.implicit.stage", "irm.features", "irm.contrastive"):
+    for mod in ("irm.pair_stages", "irm.implicit.stage", "irm.features", "irm.contrastive", "irm.report"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -72,6 +72,10 @@ def open_context(cfg: ExperimentConfig, *, force: bool = False, job_type: str = 
     from irm.tracking import Tracker
 
     seed_everything(cfg.seed)
+    if cfg.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
     run = RunDir.create(cfg.run_path, cfg.to_dict(), seed=cfg.seed)
     tracker = Tracker.open(cfg.to_dict(), run_dir=run.path, project=cfg.tracking.project, mode=cfg.tracking.mode,
                            name=cfg.name, group=cfg.tracking.group, tags=cfg.tracking.tags, job_type=job_type)
@@ -194,7 +198,7 @@ def run_capture(cfg: ExperimentConfig) -> Any:
 def _import_stages() -> None:
     import importlib
 
-    for mod in ("irm.tune", "irm.evaluate", "irm.divergence", "irm.implicit.stage", "irm.features",
+    for mod in ("irm.pair_stages", "irm.implicit.stage", "irm.features",
                 "irm.contrastive", "irm.report"):
         try:
             importlib.import_module(mod)

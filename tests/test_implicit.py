@@ -127,3 +127,17 @@ def test_sequence_agreement_counts_pairwise_preferences():
     res = sequence_agreement(rm, {"same": rm, "flipped": flipped}, samples)
     assert res["same"]["pairwise_agreement"] == 1.0 and res["flipped"]["pairwise_agreement"] == 0.0
     assert res["same"]["n_pairs"] == 2
+
+
+def test_response_logprobs_equal_a_plain_full_forward(tiny_base):
+    from irm.implicit import response_logprobs
+
+    prompts, responses = ["The movie was", "I hated"], [" great fun", " every minute of it"]
+    got = response_logprobs(tiny_base, prompts, responses, batch_size=2)
+    for p, r, g in zip(prompts, responses, got):
+        ids = tiny_base.tokenizer(p + r, return_tensors="pt").input_ids
+        n_prompt = len(tiny_base.tokenizer(p).input_ids)
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_base.hf_model(ids).logits[0, :-1].double(), -1)
+        ref = lp[torch.arange(n_prompt - 1, ids.shape[1] - 1), ids[0, n_prompt:]].numpy()
+        assert g.shape == ref.shape and np.allclose(g, ref, atol=1e-4)

@@ -52,16 +52,37 @@ def response_logprobs(
         for r, i in enumerate(batch):
             ids[r, width - lens[r]:] = torch.tensor(enc["input_ids"][i])
             mask[r, width - lens[r]:] = 1
-        logits = model.hf_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(dev))[..., 0].cpu()
+        # Only response tokens need logits: run the decoder, then the unembedding at those positions
+        # alone (the vocabulary projection and its softmax dominate the cost for short responses).
+        rows, cols, targets, owners = [], [], [], []
         for r, i in enumerate(batch):
             offs = np.asarray(enc["offset_mapping"][i]).reshape(-1, 2)
             in_resp = offs[:, 1] > len(prompts[i])
             in_resp[0] = False  # the first token has no context to be predicted from
-            pos = np.nonzero(in_resp)[0]
-            start = width - lens[r]
-            out[i] = logp[r, start + pos - 1].numpy().astype(np.float64)
+            pos = np.nonzero(in_resp)[0] + (width - lens[r])
+            rows += [r] * len(pos)
+            cols += (pos - 1).tolist()
+            targets += ids[r, pos].tolist()
+            owners.append((i, len(pos)))
+        hidden = _final_hidden(model.hf_model, ids.to(dev), mask.to(dev))
+        h = hidden[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)]
+        logits = model.hf_model.get_output_embeddings()(h).float()
+        lp = (logits.gather(-1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+              - torch.logsumexp(logits, -1)).cpu().numpy().astype(np.float64)
+        k = 0
+        for i, n_pos in owners:
+            out[i] = lp[k : k + n_pos]
+            k += n_pos
     return out
+
+
+def _final_hidden(hf_model, ids, mask):
+    """The last hidden state the unembedding reads (after the final norm), without computing logits."""
+    cfg = hf_model.config
+    if getattr(cfg, "final_logit_softcapping", None) or hf_model.get_output_embeddings() is None:
+        raise NotImplementedError(
+            f"{cfg.model_type} post-processes its logits; response_logprobs supports plain unembeddings.")
+    return hf_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 def token_log_ratios(

@@ -1,0 +1,494 @@
+"""Evaluate a base/tuned pair on held-out prompts: reward gain, KL, repetition and sample generations.
+
+Works on any :class:`~irm.models.ModelPair`, whether :func:`irm.tune.tune` made the tuned model or it
+was loaded ready-made (``ModelPair.load("EleutherAI/pythia-70m",
+"amirabdullah19852020/pythia-70m_utility_reward")``). What it measures:
+
+- **reward**: the explicit RM on base and on tuned generations for the same prompts (same seed per
+  batch), mean and std of each, and the effect size ``(mean_tuned - mean_base) / std_base`` with a
+  paired bootstrap CI;
+- **kl_per_token**: ``KL(tuned || base)`` at every completion position of the tuned samples, computed
+  exactly over the vocabulary (not a one-sample estimate), averaged over completion tokens;
+- **repetition**: seq-rep-n (share of a completion's n-grams that repeat an earlier n-gram of the same
+  completion, over token ids), and corpus **distinct_n**; a tuned model that loops or collapses onto
+  a few words is flagged as over-optimised;
+- **samples**: base and tuned generations side by side.
+
+>>> pair = ModelPair.load("tiny-llama", "runs/x/tuned")
+>>> ev = evaluate_pair(pair, TokenUtilityRM.from_vader(), held_out, run_dir=Path("runs/x"))
+>>> ev["reward"]["effect_size"], ev["kl_per_token"]["mean"], ev["repetition"]["flag_over_optimised"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from irm.constants import BASE, ROLES, TUNED
+from irm.log import get_logger, progress
+
+__all__ = [
+    "Generations",
+    "generate",
+    "completion_kl",
+    "seq_rep_n",
+    "distinct_n",
+    "repetition_report",
+    "bootstrap_effect_size",
+    "evaluate_pair",
+    "evaluation_metrics",
+    "EVAL_JSON",
+    "EVAL_SAMPLES_JSONL",
+    "EVAL_SAMPLES_MD",
+]
+
+log = get_logger(__name__)
+
+EVAL_JSON = "evaluation.json"
+EVAL_SAMPLES_JSONL = "eval_samples.jsonl"
+EVAL_SAMPLES_MD = "eval_samples.md"
+
+# Repetition is "over-optimised" when tuned > max(REP_RATIO * base, base + REP_SLACK): the ratio is the
+# criterion, the additive slack keeps a near-zero base repetition from flagging on a single repeat.
+REP_N = 2
+REP_RATIO = 2.0
+REP_SLACK = 0.05
+# Diversity collapse: tuned distinct-2 below this share of the base's.
+DISTINCT_COLLAPSE = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+@dataclass
+class Generations:
+    """Completions of one model: one row per (prompt, sample), prompts repeated ``n_samples`` times.
+
+    ``prompt_ids`` / ``completion_ids`` are the exact token ids (no padding; a completion keeps its
+    end-of-sequence token when it stopped on one), so log-probabilities can be recomputed on exactly
+    what was sampled instead of on a re-tokenisation of the decoded text.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    eos_ids: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def content_ids(self) -> list[list[int]]:
+        """Completion ids without the final end-of-sequence token (what repetition is measured on)."""
+        return [c[:-1] if c and c[-1] in self.eos_ids else c for c in self.completion_ids]
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids: list[int] = []
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    for x in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]:
+        if x is not None and int(x) not in ids:
+            ids.append(int(x))
+    return tuple(ids)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 20,
+    n_samples_per_prompt: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    desc: str = "generate",
+) -> Generations:
+    """Sample completions, left-padded and batched, with attention masks; reproducible from ``seed``.
+
+    Each batch draws from ``torch.manual_seed(seed + batch_index)`` inside a forked RNG, so two models
+    given the same prompts consume the same random stream (identical models give identical samples)
+    and the caller's global RNG is left untouched. ``temperature == 0`` means greedy decoding. The
+    sampling settings are passed as a fresh ``GenerationConfig``, so a checkpoint's own
+    ``generation_config`` (e.g. a repetition penalty) cannot silently change what is measured.
+
+    >>> gens = generate(model, tok, ["The movie was"], max_new_tokens=8, n_samples_per_prompt=4)
+    >>> len(gens), gens.completions[0]
+    """
+    from transformers import GenerationConfig
+
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of strings, got the string {prompts[:40]!r}; wrap it in a list.")
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt to generate from.")
+    if max_new_tokens < 1 or n_samples_per_prompt < 1 or batch_size < 1:
+        raise ValueError(
+            f"max_new_tokens ({max_new_tokens}), n_samples_per_prompt ({n_samples_per_prompt}) and "
+            f"batch_size ({batch_size}) must all be >= 1."
+        )
+    if tokenizer.padding_side != "left":
+        # Right padding would put pad tokens between a prompt and its completion.
+        raise ValueError(
+            f"generate needs a left-padding tokenizer, got padding_side={tokenizer.padding_side!r}; "
+            "load it with irm.models.load_tokenizer (which sets it) or set tokenizer.padding_side = 'left'."
+        )
+    expanded = [p for p in prompts for _ in range(n_samples_per_prompt)]
+    eos = _eos_ids(model, tokenizer)
+    greedy = temperature == 0
+    gen_cfg = GenerationConfig(
+        max_new_tokens=int(max_new_tokens),
+        do_sample=not greedy,
+        temperature=None if greedy else float(temperature),
+        top_k=None if greedy else int(top_k),
+        top_p=None if greedy else float(top_p),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=list(eos),
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = Generations([], [], [], [], eos)
+    try:
+        batches = range(0, len(expanded), batch_size)
+        for b, start in enumerate(progress(batches, desc=desc, unit="batch")):
+            chunk = expanded[start : start + batch_size]
+            # Same tokenisation as trl's plain-text prompts (the tokenizer's default special tokens).
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed + b)
+                seqs = model.generate(**enc, generation_config=gen_cfg)
+            width = enc["input_ids"].shape[1]
+            for i in range(len(chunk)):
+                mask = enc["attention_mask"][i].bool()
+                out.prompt_ids.append(enc["input_ids"][i][mask].tolist())
+                comp = seqs[i, width:].tolist()
+                # Cut after the first end-of-sequence token; what follows is padding.
+                for j, t in enumerate(comp):
+                    if t in eos:
+                        comp = comp[: j + 1]
+                        break
+                out.completion_ids.append(comp)
+            out.prompts.extend(chunk)
+    finally:
+        model.train(was_training)
+    out.completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# KL(tuned || base) on tuned samples
+def _right_padded(rows: list[list[int]], pad_id: int, device) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    # Right padding keeps every real token at its natural position, so no position_ids are needed
+    # and (causal attention) trailing pads cannot affect the real tokens.
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def completion_kl(
+    base_model, tuned_model, gens: Generations, *, pad_token_id: int, batch_size: int = 16
+) -> list[Float[np.ndarray, " completion"]]:
+    """Exact per-token ``KL(tuned || base)`` at each completion position of ``gens``.
+
+    Returns one array per sample, shape ``[len(completion_ids[i])]``: entry ``j`` is
+    ``sum_v p_tuned(v | ctx_j) (log p_tuned(v | ctx_j) - log p_base(v | ctx_j))`` where ``ctx_j`` is the
+    prompt plus the first ``j`` completion tokens. Logits are used at temperature 1, i.e. the KL of
+    the models themselves, not of a sampling setting.
+    """
+    dev_t = next(tuned_model.parameters()).device
+    dev_b = next(base_model.parameters()).device
+    out: list[np.ndarray] = []
+    for start in range(0, len(gens), batch_size):
+        rows = [p + c for p, c in zip(gens.prompt_ids[start : start + batch_size],
+                                      gens.completion_ids[start : start + batch_size])]
+        ids, mask = _right_padded(rows, pad_token_id, dev_t)
+        lt = tuned_model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        lb = base_model(input_ids=ids.to(dev_b), attention_mask=mask.to(dev_b)).logits.float()
+        lb = lb.log_softmax(-1).to(dev_t)
+        kl = (lt.exp() * (lt - lb)).sum(-1)  # [batch, pos]: KL of the next-token distributions
+        for i in range(len(rows)):
+            n_p = len(gens.prompt_ids[start + i])
+            n_c = len(gens.completion_ids[start + i])
+            # Position t predicts token t+1: completion token j is predicted at position n_p - 1 + j.
+            out.append(kl[i, n_p - 1 : n_p - 1 + n_c].double().cpu().numpy())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Repetition and diversity
+def seq_rep_n(ids: Sequence[int], n: int = REP_N) -> float | None:
+    """Share of the n-grams of one sequence that repeat an earlier n-gram of it (Welleck et al. 2019).
+
+    ``1 - |unique n-grams| / |n-grams|``; None when the sequence has no n-gram.
+
+    >>> seq_rep_n([5, 6, 5, 6, 5], n=2)   # (5,6) (6,5) (5,6) (6,5): 2 of 4 repeat
+    0.5
+    """
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return None
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def distinct_n(seqs: Sequence[Sequence[int]], n: int) -> float | None:
+    """Corpus distinct-n: unique n-grams over all n-grams of all sequences (Li et al. 2016); None if none."""
+    grams = [tuple(s[i : i + n]) for s in seqs for i in range(len(s) - n + 1)]
+    if not grams:
+        return None
+    return len(set(grams)) / len(grams)
+
+
+def _mean_rep(seqs: Sequence[Sequence[int]], n: int) -> float | None:
+    vals = [v for v in (seq_rep_n(s, n) for s in seqs) if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def repetition_report(
+    base_ids: Sequence[Sequence[int]], tuned_ids: Sequence[Sequence[int]]
+) -> tuple[dict[str, Any], dict[str, dict[str, float | None]]]:
+    """Repetition (mean seq-rep-2) and corpus distinct-1/2 of base and tuned completions, and the flag.
+
+    The tuned model is flagged as over-optimised when its rep-2 exceeds
+    ``max(2 x base, base + 0.05)`` (it loops) or its distinct-2 falls below half the base's (it
+    collapses onto a few phrases across samples). Returns ``(repetition, distinct_n)`` as in
+    :func:`evaluate_pair`.
+
+    >>> rep, dist = repetition_report([[1, 2, 3, 4]], [[7, 7, 7, 7]])
+    >>> rep["flag_over_optimised"]
+    True
+    """
+    content = {BASE: base_ids, TUNED: tuned_ids}
+    rep = {role: _mean_rep(content[role], REP_N) for role in ROLES}
+    dist = {role: {f"distinct_{n}": distinct_n(content[role], n) for n in (1, 2)} for role in ROLES}
+    reasons = []
+    rb, rt = rep[BASE], rep[TUNED]
+    if rb is not None and rt is not None and rt > max(REP_RATIO * rb, rb + REP_SLACK):
+        reasons.append(f"rep-{REP_N} {rt:.3f} > max({REP_RATIO:g} x base {rb:.3f}, base + {REP_SLACK:g})")
+    db, dt = dist[BASE]["distinct_2"], dist[TUNED]["distinct_2"]
+    if db is not None and dt is not None and dt < DISTINCT_COLLAPSE * db:
+        reasons.append(f"distinct-2 {dt:.3f} < {DISTINCT_COLLAPSE:g} x base {db:.3f}")
+    repetition = {
+        "n": REP_N,
+        BASE: rb,
+        TUNED: rt,
+        "ratio": (rt / rb) if rb and rt is not None else None,
+        "rep_1": {role: _mean_rep(content[role], 1) for role in ROLES},
+        "flag_over_optimised": bool(reasons),
+        "reasons": reasons,
+    }
+    return repetition, dist
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+def _effect(base: np.ndarray, tuned: np.ndarray) -> float | None:
+    sd = float(np.std(base, ddof=1)) if len(base) > 1 else 0.0
+    if not math.isfinite(sd) or sd == 0.0:
+        return None  # undefined: the base reward does not vary
+    return float((np.mean(tuned) - np.mean(base)) / sd)
+
+
+def bootstrap_effect_size(
+    base: Sequence[float], tuned: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float | None, list[float] | None]:
+    """Effect size ``(mean(tuned) - mean(base)) / std(base)`` and its paired percentile-bootstrap CI.
+
+    ``base[i]`` and ``tuned[i]`` come from the same prompt, so rows are resampled together. Returns
+    ``(effect, [lo, hi])``; ``(None, None)`` when the base rewards do not vary.
+
+    >>> bootstrap_effect_size([0, 1, 0, 1], [1, 2, 1, 2])[0]
+    1.732...
+    """
+    b, t = np.asarray(base, dtype=np.float64), np.asarray(tuned, dtype=np.float64)
+    if b.shape != t.shape or b.ndim != 1:
+        raise ValueError(f"base and tuned rewards must be 1-d and paired; got shapes {b.shape} and {t.shape}.")
+    eff = _effect(b, t)
+    if eff is None:
+        return None, None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(b), size=(n_boot, len(b)))
+    bb, tt = b[idx], t[idx]
+    sd = bb.std(axis=1, ddof=1)
+    ok = sd > 0
+    boots = (tt[ok].mean(axis=1) - bb[ok].mean(axis=1)) / sd[ok]
+    alpha = (1 - level) / 2
+    return eff, [float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))]
+
+
+def _bootstrap_mean_ci(x: np.ndarray, *, n_boot: int, seed: int, level: float = 0.95) -> list[float]:
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return [float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))]
+
+
+def _stats(x: np.ndarray) -> dict[str, float | int]:
+    return {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0, "n": int(len(x))}
+
+
+# ----------------------------------------------------------------------------------------------
+def evaluate_pair(
+    pair,
+    rm: Callable[..., list[float]],
+    prompts: Sequence[str],
+    *,
+    n_samples_per_prompt: int = 1,
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n_boot: int = 2000,
+    n_show: int = 8,
+) -> dict[str, Any]:
+    """Compare base and tuned generations on ``prompts`` (held-out ones: tuning must not have seen them).
+
+    ``rm`` is any irm RM or trl reward function, ``rm(prompts, completions) -> list[float]``. Sampling
+    defaults match :class:`irm.tune.TuneConfig` (top_k 0, top_p 1, temperature 1).
+
+    Returns a JSON-serialisable dict::
+
+        reward:        {base: {mean, std, n}, tuned: {mean, std, n}, effect_size, effect_size_ci: [lo, hi],
+                        win_rate}
+        kl_per_token:  {mean, ci: [lo, hi], mean_sequence, n_tokens}
+        repetition:    {n, base, tuned, ratio, flag_over_optimised, reasons}
+        distinct_n:    {base: {distinct_1, distinct_2}, tuned: {...}}
+        samples:       [{prompt, base, tuned, reward_base, reward_tuned}]   (the first ``n_show``)
+        settings, pair
+
+    With ``run_dir`` it also writes ``evaluation.json``, every sample as ``eval_samples.jsonl`` and a
+    side-by-side markdown table ``eval_samples.md`` there.
+
+    >>> ev = evaluate_pair(pair, rm, held_out, n_samples_per_prompt=2)
+    >>> print(ev["reward"]["effect_size"], ev["repetition"]["flag_over_optimised"])
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("evaluate_pair got no prompts; pass the held-out prompts (e.g. TuneResult.held_out).")
+    gen_kw = dict(max_new_tokens=max_new_tokens, n_samples_per_prompt=n_samples_per_prompt,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
+    gens: dict[str, Generations] = {}
+    rewards: dict[str, np.ndarray] = {}
+    for role, m in pair:
+        gens[role] = generate(m.hf_model, m.tokenizer, prompts, desc=f"generate ({role})", **gen_kw)
+        r = np.asarray(rm(gens[role].prompts, gens[role].completions), dtype=np.float64)
+        if r.shape != (len(gens[role]),) or not np.all(np.isfinite(r)):
+            raise ValueError(
+                f"The reward model returned {r.shape} values (non-finite: {int(np.sum(~np.isfinite(r)))}) "
+                f"for {len(gens[role])} completions; it must return one finite float per completion."
+            )
+        rewards[role] = r
+
+    eff, ci = bootstrap_effect_size(rewards[BASE], rewards[TUNED], n_boot=n_boot, seed=seed)
+    diff = rewards[TUNED] - rewards[BASE]
+    reward = {
+        BASE: _stats(rewards[BASE]),
+        TUNED: _stats(rewards[TUNED]),
+        "effect_size": eff,
+        "effect_size_ci": ci,
+        # Ties count half: with a lexicon RM many completions score exactly 0.
+        "win_rate": float(np.mean((diff > 0) + 0.5 * (diff == 0))),
+    }
+
+    kls = completion_kl(pair.base.hf_model, pair.tuned.hf_model, gens[TUNED],
+                        pad_token_id=pair.tuned.tokenizer.pad_token_id, batch_size=batch_size)
+    seq_means = np.array([k.mean() for k in kls if len(k)], dtype=np.float64)
+    all_tok = np.concatenate([k for k in kls if len(k)]) if len(seq_means) else np.zeros(0)
+    kl = {
+        # Token-weighted mean over every completion token of every tuned sample.
+        "mean": float(all_tok.mean()) if len(all_tok) else None,
+        # CI over samples (tokens of one sample are not independent); on the per-sample means.
+        "ci": _bootstrap_mean_ci(seq_means, n_boot=n_boot, seed=seed) if len(seq_means) else None,
+        "mean_sequence": float(np.mean([k.sum() for k in kls])),
+        "n_tokens": int(len(all_tok)),
+    }
+
+    repetition, dist = repetition_report(gens[BASE].content_ids(), gens[TUNED].content_ids())
+
+    rows = [
+        {"prompt": gens[BASE].prompts[i], BASE: gens[BASE].completions[i], TUNED: gens[TUNED].completions[i],
+         "reward_base": float(rewards[BASE][i]), "reward_tuned": float(rewards[TUNED][i])}
+        for i in range(len(gens[BASE]))
+    ]
+    result = {
+        "reward": reward,
+        "kl_per_token": kl,
+        "repetition": repetition,
+        "distinct_n": dist,
+        "samples": rows[:n_show],
+        "settings": {"n_prompts": len(prompts), **gen_kw, "n_boot": n_boot,
+                     "rm": getattr(rm, "name", getattr(rm, "__name__", type(rm).__name__))},
+        "pair": pair.identities(),
+    }
+    if run_dir is not None:
+        _write_outputs(Path(run_dir), result, rows)
+    log.info(
+        "Held-out reward: base %.3f +- %.3f, tuned %.3f +- %.3f, effect %s base std; KL/token %.4f; rep-%d %s -> %s",
+        reward[BASE]["mean"], reward[BASE]["std"], reward[TUNED]["mean"], reward[TUNED]["std"],
+        "n/a" if eff is None else f"{eff:.2f}", kl["mean"] or 0.0, REP_N, repetition[BASE], repetition[TUNED],
+    )
+    return result
+
+
+def evaluation_metrics(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """Flatten :func:`evaluate_pair`'s scalars into namespaced keys for ``Tracker.log`` (None dropped).
+
+    >>> tracker.log(evaluation_metrics(ev), step=0)   # eval/reward_tuned_mean, eval/kl_per_token, ...
+    """
+    r, k, rep = result["reward"], result["kl_per_token"], result["repetition"]
+    flat = {
+        f"{prefix}/reward_base_mean": r[BASE]["mean"],
+        f"{prefix}/reward_base_std": r[BASE]["std"],
+        f"{prefix}/reward_tuned_mean": r[TUNED]["mean"],
+        f"{prefix}/reward_tuned_std": r[TUNED]["std"],
+        f"{prefix}/effect_size": r["effect_size"],
+        f"{prefix}/win_rate": r["win_rate"],
+        f"{prefix}/kl_per_token": k["mean"],
+        f"{prefix}/repetition_base": rep[BASE],
+        f"{prefix}/repetition_tuned": rep[TUNED],
+        f"{prefix}/over_optimised": float(rep["flag_over_optimised"]),
+    }
+    for role in ROLES:
+        for name, v in result["distinct_n"][role].items():
+            flat[f"{prefix}/{name}_{role}"] = v
+    return {key: float(v) for key, v in flat.items() if v is not None}
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _write_outputs(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (EVAL_JSON + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
+    tmp.replace(run_dir / EVAL_JSON)
+    with (run_dir / EVAL_SAMPLES_JSONL).open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    lines = ["| prompt | base | reward | tuned | reward |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {_md_cell(r['prompt'])} | {_md_cell(r[BASE])} | {r['reward_base']:.2f} | {_md_cell(r[TUNED])} "
+        f"| {r['reward_tuned']:.2f} |"
+        for r in rows
+    ]
+    (run_dir / EVAL_SAMPLES_MD).write_text("\n".join(lines) + "\n", encoding="utf-8")

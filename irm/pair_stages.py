@@ -1,0 +1,116 @@
+"""Pipeline stages that make and measure the pair: ``tune`` (20), ``evaluate`` (40), ``divergence`` (50).
+
+Their config sections are ``[tune]`` (:class:`irm.tune.TuneConfig`), ``[evaluation]`` and
+``[divergence]``. Tuning runs only when ``[models] tuned`` is empty; a named tuned model (hub,
+local directory or GGUF) is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from irm.config import ConfigError, register_section
+from irm.constants import ROLES
+from irm.log import get_logger
+from irm.pipeline import RunContext, stage
+from irm.tune import TuneConfig, tune
+
+__all__ = ["EvaluationConfig", "DivergenceConfig"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class EvaluationConfig:
+    n_prompts: int | None = field(default=None, metadata={"help": "Held-out prompts to evaluate on (None: all)."})
+    n_samples_per_prompt: int = field(default=1, metadata={"help": "Generations per prompt and model."})
+    max_new_tokens: int = field(default=20, metadata={"help": "Tokens per generation."})
+    batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for CIs."})
+
+    def __post_init__(self) -> None:
+        if self.n_samples_per_prompt < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("[evaluation] n_samples_per_prompt, max_new_tokens and batch_size must be >= 1.")
+
+
+@dataclass
+class DivergenceConfig:
+    top_k: int = field(default=5, metadata={"help": "Most divergent layers handed to later stages."})
+    rank_by: str = field(default="param_abs", metadata={
+        "help": "param_abs (the paper), param_rel, act_rel_l2 or act_cosine."})
+    n_texts: int = field(default=64, metadata={"help": "Held-out prompts for activation divergence."})
+    max_length: int = field(default=64, metadata={"help": "Token limit of those texts."})
+
+    def __post_init__(self) -> None:
+        from irm.divergence import RANK_BY
+
+        if self.rank_by not in RANK_BY:
+            raise ConfigError(f"[divergence] rank_by {self.rank_by!r} is not one of {RANK_BY}.")
+        if self.top_k < 1:
+            raise ConfigError(f"[divergence] top_k must be >= 1, got {self.top_k}.")
+
+
+register_section("tune", TuneConfig)
+register_section("evaluation", EvaluationConfig)
+register_section("divergence", DivergenceConfig)
+
+
+@stage("tune", order=20)
+def _stage_tune(ctx: RunContext) -> None:
+    if ctx.cfg.models.tuned:
+        ctx.run.update_results("tune", {"skipped": f"ready-made tuned model {ctx.cfg.models.tuned!r}"})
+        return
+    from irm.models import cache_dir
+
+    cfg: TuneConfig = ctx.cfg.section("tune")
+    # Tuning sees only the run's train prompts; the run's held-out prompts stay unseen by every stage
+    # that fits anything. trl splits off its own in-training evaluation prompts from these.
+    result = tune(ctx.cfg.models.base, ctx.rm, ctx.train_prompts, cfg, cache_root=cache_dir(), run_dir=ctx.run_path,
+                  force=ctx.force, tracker=ctx.tracker, device=ctx.cfg.models.device)
+    ctx.state["tuned_checkpoint"] = str(result.checkpoint)
+    ctx.state["tune_beta"] = cfg.beta
+    ctx.run.update_results("tune", result.to_dict())
+    log.info("Tuned model %s (%s, %.0f s of training)", result.checkpoint,
+             "reused from cache" if result.reused else "trained", result.wall_time_s)
+
+
+@stage("evaluate", order=40)
+def _stage_evaluate(ctx: RunContext) -> None:
+    from irm.evaluate import evaluate_pair, evaluation_metrics
+
+    if ctx.pair is None:
+        ctx.run.update_results("evaluation", {"skipped": "no tuned model"})
+        return
+    cfg: EvaluationConfig = ctx.cfg.section("evaluation")
+    prompts = ctx.test_prompts[: cfg.n_prompts] if cfg.n_prompts else ctx.test_prompts
+    out_dir = ctx.run.sub("evaluation")
+    res = evaluate_pair(ctx.pair, ctx.rm, prompts, n_samples_per_prompt=cfg.n_samples_per_prompt,
+                        max_new_tokens=cfg.max_new_tokens, seed=ctx.cfg.seed, run_dir=out_dir,
+                        batch_size=cfg.batch_size, n_boot=cfg.n_boot)
+    ctx.run.update_results("evaluation", res)
+    ctx.tracker.log(evaluation_metrics(res), step=0)
+    samples = [json.loads(line) for line in (out_dir / "eval_samples.jsonl").read_text().splitlines() if line]
+    ctx.state["samples"] = [{k: s[k] for k in ("prompt", *ROLES)} for s in samples]
+    ctx.tracker.log_table("eval/samples", ["prompt", "base", "tuned", "reward_base", "reward_tuned"],
+                          [[s["prompt"], s["base"], s["tuned"], s["reward_base"], s["reward_tuned"]]
+                           for s in samples[:50]])
+
+
+@stage("divergence", order=50)
+def _stage_divergence(ctx: RunContext) -> None:
+    from irm.divergence import layer_divergence
+
+    if ctx.pair is None:
+        ctx.run.update_results("divergence", {"skipped": "no tuned model"})
+        return
+    cfg: DivergenceConfig = ctx.cfg.section("divergence")
+    top_k = min(cfg.top_k, ctx.pair.base.n_layers)
+    res = layer_divergence(ctx.pair, ctx.test_prompts[: cfg.n_texts], top_k=top_k, run_dir=ctx.run.sub("plots"),
+                           rank_by=cfg.rank_by, max_length=cfg.max_length)
+    ctx.state["top_layers"] = list(res["top_k"])
+    ctx.run.update_results("divergence", res)
+    for row in res["layers"]:
+        ctx.tracker.log({f"divergence/{k}": row[k] for k in ("param_abs", "param_rel", "act_rel_l2", "act_cosine")
+                         if row.get(k) is not None}, step=int(row["layer"]))
+

@@ -1,0 +1,365 @@
+"""Contrastive explanations: attributes, perturbations, the random baseline, metrics, sources, the stage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from irm.contrastive import (
+    ATTRIBUTES,
+    Attribute,
+    Comparison,
+    ContrastiveConfig,
+    LLMRewriteGenerator,
+    ProgrammaticGenerator,
+    RandomSubstitution,
+    explain,
+    get_attribute,
+    load_comparisons,
+    order_by_rm,
+    register_attribute,
+    split_hh_dialogue,
+)
+from irm.contrastive.attributes import _CURT_SENTENCES, _FILLER_CLAUSES, _FILLER_SENTENCES
+from irm.contrastive.metrics import cluster_bootstrap_rate, kendall_tau, wilson_interval
+from irm.contrastive.textops import (
+    delete_phrases,
+    edit_ops,
+    insert_sentence,
+    normalized_edit_distance,
+    swap_words,
+    word_edit_distance,
+)
+from irm.rewards import BaseRewardModel, TokenUtilityRM
+
+
+@pytest.fixture(scope="module")
+def vader():
+    return TokenUtilityRM.from_vader()
+
+
+@pytest.fixture(scope="module")
+def sample30():
+    return load_comparisons("sample", limit=30)
+
+
+class LengthRM(BaseRewardModel):
+    """Prefers longer responses: an RM whose one sensitivity we know."""
+
+    name = "length"
+
+    def score(self, prompts, responses):
+        self._check_batch(prompts, responses)
+        return np.array([len(r.split()) for r in responses], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# text edits
+def test_text_edits_record_what_they_changed():
+    r = swap_words("Good film. A GOOD cast, good-ish plot.", {"good": "bad"})
+    assert r.text == "Bad film. A BAD cast, good-ish plot." and [e.before for e in r.edits] == ["Good", "GOOD"]
+    assert swap_words("nothing here", {"good": "bad"}) is None
+    assert insert_sentence(" was fine.", "Whatever.").text == " was fine. Whatever."  # mid-sentence: append
+    assert insert_sentence("It was fine.", "Look.").text == "Look. It was fine."
+    d = delete_phrases("It was, I think, fine.", [r",?\s*\bI think\b,?"])
+    assert d.text == "It was fine." and d.edits[0].op == "delete"
+    assert word_edit_distance("a good film", "a very bad film") == 2
+    assert edit_ops("a good film", "a very bad film") == (1, 1, 0)
+    assert edit_ops("a b c d", "a d") == (0, 0, 2)
+    assert normalized_edit_distance("a b", "a b") == 0.0 and normalized_edit_distance("a", "b") == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# attributes
+def test_registry_has_the_eight_attributes_and_takes_new_ones():
+    want = {"sentiment", "refusal", "verbosity", "politeness", "hedging", "specificity", "fluency", "harmlessness"}
+    assert want <= set(ATTRIBUTES)
+    for a in ATTRIBUTES.values():
+        assert a.description and a.more and a.less and callable(a.raise_fn) and callable(a.lower_fn)
+    assert get_attribute("avoid-to-answer").name == "refusal" and get_attribute("manner").name == "politeness"
+    with pytest.raises(ValueError, match="did you mean 'sentiment'"):
+        get_attribute("sentimnet")
+    shout = Attribute("shouting", "how loud", "louder", "quieter",
+                      raise_fn=lambda t, rng: swap_words(t, {"film": "FILM"}) or "no film",
+                      lower_fn=lambda t, rng: "nothing to lower", scorer=lambda t: sum(c.isupper() for c in t))
+    register_attribute(shout)
+    try:
+        with pytest.raises(ValueError, match="twice"):
+            register_attribute(shout)
+        [p] = ProgrammaticGenerator().perturb([" a film."], "shouting", +1, seed=0)
+        assert p.ok and p.text == " a FILM."
+    finally:
+        del ATTRIBUTES["shouting"]
+
+
+CASES = {  # a text each edit applies to, in both directions
+    "sentiment": " was a great film, and I loved the bad ending.",
+    "refusal": " I'm sorry, but I can't help with that. It was a film.",
+    "verbosity": " was a film, in other words, a long one. The cast was there.",
+    "politeness": " was a film. Thank you for reading.",
+    "hedging": " was definitely a film, I think.",
+    "specificity": " had some things and a 20-minute opening scene.",
+    "fluency": " was was a film film.",
+    "harmlessness": " was violent and people die in it.",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("direction", [1, -1])
+def test_programmatic_edits_move_their_attribute(name, direction):
+    a = get_attribute(name)
+    text = CASES[name]
+    r = a.perturb(text, direction, np.random.default_rng(0))
+    assert not isinstance(r, str), r
+    assert r.text != text and r.edits
+    assert (a.score(r.text) - a.score(text)) * direction > 0, (r.text, a.score(r.text), a.score(text))
+
+
+def test_not_applicable_edits_say_why():
+    [p] = ProgrammaticGenerator().perturb([" was a film."], "refusal", -1, seed=0)
+    assert p.status == "not_applicable" and "refusal" in p.reason and p.text == p.original and not p.ok
+
+
+def test_neutral_markers_carry_no_vader_sentiment(vader):
+    # Verbosity padding and curt markers must not be sentiment changes in disguise.
+    for phrase in _FILLER_CLAUSES + _FILLER_SENTENCES + _CURT_SENTENCES:
+        assert vader.text_reward(phrase) == 0.0, phrase
+
+
+# ----------------------------------------------------------------------------------------------
+# random baseline and statistics
+def test_random_twin_matches_the_edit_mix_and_is_seeded():
+    rnd = RandomSubstitution("apple river stone cloud lamp".split())
+    [p] = ProgrammaticGenerator().perturb([" was a fine film and a fine cast."], "refusal", +1, seed=0)
+    t1 = rnd.perturb_like(p, np.random.default_rng(1))
+    assert edit_ops(p.original, t1.text) == edit_ops(p.original, p.text) and t1.ok
+    assert rnd.perturb_like(p, np.random.default_rng(1)).text == t1.text
+    assert word_edit_distance(p.original, t1.text) == p.n_word_edits
+
+
+def test_statistics():
+    lo, hi = wilson_interval(24, 30)
+    assert 0.62 < lo < 0.63 and 0.90 < hi < 0.91 and wilson_interval(0, 0) == (None, None)
+    hits, totals = np.array([1, 0, 2, 0]), np.array([2, 2, 2, 0])
+    lo, hi = cluster_bootstrap_rate(hits, totals, n_boot=500)
+    assert 0 <= lo <= 0.5 <= hi <= 1
+    assert kendall_tau({"a": 3, "b": 2, "c": 1}, {"a": 1, "b": 2, "c": 3}) == -1.0
+    assert kendall_tau({"a": 1, "b": 1}, {"a": 1, "b": 2}) is None  # a constant side: undefined
+
+
+# ----------------------------------------------------------------------------------------------
+# the acceptance criterion and the engine
+def test_lexicon_rm_on_30_comparisons_meets_the_done_criterion(vader, sample30):
+    res = explain(sample30, [vader], embedder=None, n_variants=2, n_bootstrap=200)
+    s = res.summary()
+    cov = s["coverage"]["vader"]
+    assert cov["programmatic"]["n_comparisons"] == 30
+    assert cov["programmatic"]["cf_coverage"] >= 0.8
+    assert cov["random"]["cf_coverage"] < cov["programmatic"]["cf_coverage"]
+    sens = s["sensitivity"]["vader"]["programmatic"]
+    assert sens["top"] == "sentiment" and "sentiment" in sens["sensitive"]
+    lo, hi = sens["pfr"]["sentiment"]["ci"]
+    assert lo <= sens["pfr"]["sentiment"]["pfr"] <= hi
+    # CF/SF follow from the margins: a CF reverses the sign, an SF keeps it.
+    out = res.outcomes("vader")
+    m0 = res.original_margins["vader"]
+    for k, c in enumerate(res.candidates[:300]):
+        if out[k] == "cf":
+            assert m0[c.comparison] * res.margins["vader"][k] < 0
+        elif out[k] == "sf":
+            assert m0[c.comparison] * res.margins["vader"][k] > 0 and c.valid
+    ex = s["examples"]["vader"]["programmatic"]
+    assert ex and ex[0]["counterfactuals"] and ex[0]["local_global_tau"] >= ex[-1]["local_global_tau"]
+    assert all(v["n"] > 0 for v in s["validity"].values())
+
+
+def test_explanations_recover_what_each_rm_rewards(vader, sample30):
+    res = explain(sample30[:12], {"vader": vader, "length": LengthRM()}, embedder=None, n_bootstrap=100)
+    s = res.summary()
+    assert s["sensitivity"]["length"]["programmatic"]["top"] == "verbosity"
+    assert s["sensitivity"]["vader"]["programmatic"]["top"] == "sentiment"
+    d = s["disagreement"][0]
+    assert d["rms"] == ["vader", "length"] and 0 <= d["flip_agreement"] < 1
+    assert set(d["largest_gaps"]) & {"sentiment", "verbosity"}
+    assert s["rank_agreement"]["programmatic"]["vader|length"] is not None
+
+
+def test_semantic_distances_and_diversity_with_minilm(vader, sample30):
+    res = explain(sample30[:4], [vader], attributes=["sentiment", "verbosity"], n_bootstrap=50)
+    cov = res.summary()["coverage"]["vader"]["programmatic"]
+    assert 0 < cov["cf_semantic_distance"] < 1 and cov["cf_diversity_semantic"] is not None
+    cfs = [c for c, o in zip(res.candidates, res.outcomes("vader")) if o == "cf"]
+    assert cfs and all(c.semantic is not None and 0 <= c.semantic <= 2 for c in cfs)
+
+
+def test_huggingface_classifier_rm_is_explained_too(vader, sample30):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from irm.models import build_tiny_tokenizer
+    from irm.rewards import SequenceClassifierRM
+
+    tok = build_tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    clf = SequenceClassifierRM(LlamaForSequenceClassification(cfg), tok, input_format="concat", name="tiny_clf")
+    res = explain(sample30[:5], [vader, clf], attributes=["sentiment", "fluency"], embedder=None, n_bootstrap=50)
+    s = res.summary()
+    assert set(s["coverage"]) == {"vader", "tiny_clf"}
+    assert s["sensitivity"]["tiny_clf"]["programmatic"]["pfr"]["fluency"]["n"] > 0
+
+
+def test_engine_validates_inputs(vader, sample30):
+    with pytest.raises(ValueError, match="No comparisons"):
+        explain([], [vader])
+    with pytest.raises(ValueError, match="named 'vader'"):
+        explain(sample30[:2], [vader, TokenUtilityRM.from_vader()])
+    with pytest.raises(ValueError, match="targets"):
+        explain(sample30[:2], [vader], targets=["neither"])
+
+    class NaNRM(LengthRM):
+        name = "nan"
+
+        def score(self, prompts, responses):
+            return np.full(len(responses), np.nan)
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        explain(sample30[:2], [NaNRM()], embedder=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+def test_comparisons_from_files_hh_layout_and_generations(tmp_path, vader):
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": "P", "chosen": f" good {i}", "rejected": f" bad {i}"})
+                           for i in range(3)))
+    comps = load_comparisons(f, limit=2)
+    assert [c.chosen for c in comps] == [" good 0", " good 1"]
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello, glad to help!",
+                              "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}) + "\n")
+    [c] = load_comparisons(hh, prompt_field=None)
+    assert c.prompt == "\n\nHuman: Hi\n\nAssistant:" and c.chosen == " Hello, glad to help!"
+    with pytest.raises(ValueError, match="Assistant"):
+        split_hh_dialogue("no dialogue", "at all")
+    with pytest.raises(ValueError, match="column 'prompt' not found"):
+        load_comparisons(hh)
+    ordered = order_by_rm(["P"] * 3, [" bad", " same", " fine"], [" good", " same", " awful"], vader)
+    assert [(c.chosen, c.rejected) for c in ordered] == [(" good", " bad"), (" fine", " awful")]  # tie dropped
+
+
+def test_comparisons_from_the_base_model_own_samples(tiny_base, vader):
+    from irm.contrastive import comparisons_from_model
+    from irm.data import default_prompts
+
+    comps = comparisons_from_model(tiny_base, default_prompts()[:30], vader, 5, max_new_tokens=12)
+    assert 1 <= len(comps) <= 5
+    assert all(vader.compare(c.prompt, c.chosen, c.rejected).margin > 0 for c in comps)
+
+
+# ----------------------------------------------------------------------------------------------
+# LLM rewrite through an OpenAI-compatible server on loopback (scripted replies) and a local model
+def test_llm_rewrite_two_steps_over_an_openai_compatible_server(tiny_base, monkeypatch):
+    from irm.llm import Fault, LocalChatLLM, OpenAICompatibleLLM, OpenAICompatibleServer
+
+    with OpenAICompatibleServer(LocalChatLLM(tiny_base), model_name="tiny", max_requests=20) as srv:
+        monkeypatch.setenv("IRM_LLM_BASE_URL", srv.base_url)
+        gen = LLMRewriteGenerator(OpenAICompatibleLLM("tiny", backoff_s=0.0), max_tokens=32)
+        srv.inject(Fault(reply='The phrases: ["boring", "nowhere"]'),  # step 1, one span not in the text
+                   Fault(reply='not json at all'),                     # step 1 of the 2nd text: malformed
+                   Fault(status=503),                                  # a transient error, retried
+                   Fault(reply='{"boring": "gripping"}'))              # step 2 of the 1st text
+        p1, p2 = gen.perturb([" was boring and slow.", " was fine."], "sentiment", +1, seed=0)
+        assert p1.ok and p1.text == " was gripping and slow." and p1.meta["spans"] == ["boring"]
+        assert [e.before for e in p1.edits] == ["boring"]  # only the chosen span changed
+        assert p2.status == "failed" and "step 1" in p2.reason
+        assert gen.parse_log.counts == {"spans": {"ok": 1, "failed": 1}, "mapping": {"ok": 1, "failed": 0}}
+        assert "Attribute: sentiment" in srv.requests[0]["body"]["messages"][1]["content"]
+        assert get_attribute("sentiment").score(p1.text) > get_attribute("sentiment").score(p1.original)
+
+
+def test_llm_rewrite_failures_are_reported_not_fatal(tiny_base, vader, sample30, tmp_path):
+    from irm.llm import CachedLLM, LocalChatLLM
+
+    # A random tiny model answers gibberish: every rewrite fails, and the report says so.
+    llm = CachedLLM(LocalChatLLM(tiny_base), tmp_path)
+    gen = LLMRewriteGenerator(llm, max_tokens=8)
+    res = explain(sample30[:2], [vader], attributes=["sentiment"], generators=[ProgrammaticGenerator(), gen],
+                  limits={"llm_rewrite": 2}, embedder=None, n_bootstrap=50)
+    s = res.summary()
+    v = s["validity"]["llm_rewrite/sentiment/+"]
+    assert v["n"] == 4 and v["failed"] + v["ok"] == 4
+    assert s["llm_parsing"]["llm_rewrite"]["n_failed"] >= v["failed"] > 0
+    assert s["coverage"]["vader"]["programmatic"]["cf_coverage"] is not None
+    misses = llm.stats.misses
+    explain(sample30[:2], [vader], attributes=["sentiment"], generators=[gen], limits={"llm_rewrite": 2},
+            embedder=None, n_bootstrap=50)
+    assert llm.stats.misses == misses  # the rerun came from the cache
+
+
+# ----------------------------------------------------------------------------------------------
+# config and stage
+def test_config_section_validates():
+    from irm.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"contrastive": {"n_comparisons": 5, "llm": {"kind": "local", "model": "tiny-llama"}}})
+    sec = cfg.section("contrastive")
+    assert isinstance(sec, ContrastiveConfig) and sec.llm.model == "tiny-llama"
+    for bad, msg in [({"attributes": ["sentimnet"]}, "sentiment"), ({"generators": ["gpt"]}, "valid generators"),
+                     ({"n_comparisons": 0}, "n_comparisons"), ({"llm": {"params": {"api_key": "x"}}}, "environment"),
+                     ({"n_comparisns": 3}, "did you mean 'n_comparisons'")]:
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict({"contrastive": bad})
+
+
+def test_stage_explains_the_explicit_rm_and_the_run_irms(tmp_path):
+    from irm.config import config_from_dict
+    from irm.pipeline import STAGES, open_context
+    from irm.tracking import read_offline_run
+
+    cfg = config_from_dict({"name": "ct", "run_dir": str(tmp_path / "run"), "models": {"base": "tiny-llama"},
+                            "data": {"limit": 16},
+                            "contrastive": {"source": "sample", "n_comparisons": 8, "semantic": False,
+                                            "n_bootstrap": 50, "attributes": ["sentiment", "verbosity", "refusal"]}})
+    ctx = open_context(cfg)
+    try:
+        ctx.state["irms"] = {"length": LengthRM()}
+        STAGES["contrastive"][1](ctx)
+    finally:
+        ctx.tracker.finish()
+    res = json.loads((tmp_path / "run" / "results.json").read_text())["contrastive"]
+    assert res["rms"] == ["vader", "length"] and res["source"] == "sample" and res["n_comparisons"] == 8
+    assert res["sensitivity"]["length"]["programmatic"]["top"] == "verbosity"
+    for p in res["plots"].values():
+        assert os.path.getsize(p) > 1000
+    md = (tmp_path / "run" / "contrastive.md").read_text()
+    assert "vader PFR" in md and "length PFR" in md and "Counterfactual" in md
+    tables = {p.name for p in (tmp_path / "run" / "tables").iterdir()}
+    assert {"contrastive__pfr.json", "contrastive__examples.json", "contrastive__coverage.json"} <= tables
+    if ctx.tracker.mode == "offline":
+        summary = read_offline_run(tmp_path / "run")["summary"]
+        assert "contrastive/cf_coverage/vader/programmatic" in summary
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_llm_rewrite_on_the_local_default_llm(smollm2, vader, sample30, tmp_path):
+    from irm.llm import CachedLLM, LocalChatLLM
+
+    llm = CachedLLM(LocalChatLLM(smollm2), tmp_path)
+    gen = LLMRewriteGenerator(llm, max_tokens=40)
+    res = explain(sample30[:2], [vader], attributes=["sentiment"], generators=[gen], limits={"llm_rewrite": 2},
+                  embedder=None, n_bootstrap=50)
+    s = res.summary()
+    made = [s["validity"][f"llm_rewrite/sentiment/{d}"] for d in "+-"]
+    assert sum(v["n"] for v in made) == 8  # 2 comparisons x 2 responses x 2 directions
+    plog = s["llm_parsing"]["llm_rewrite"]
+    assert plog["counts"]["spans"]["ok"] + plog["counts"]["spans"]["failed"] == 8
+    # Validity is measured, not assumed: every ok rewrite was judged by the VADER scorer.
+    for v in made:
+        assert v["scored"] == v["ok"] and (v["moved_rate"] is None or 0 <= v["moved_rate"] <= 1)

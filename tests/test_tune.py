@@ -1,0 +1,235 @@
+"""RLHF tuning with trl: the tiny Llama learns a planted lexicon reward; caching, RLOO, config safety.
+
+The tiny model's vocabulary is words, so a lexicon reward on a set of words is something it can find:
+a random set of 200 words worth +3 each, which the near-uniform random model emits about 2.6% of
+the time, is learned in a few seconds with a high learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from irm.data import default_prompts
+from irm.models import ModelPair, load_model
+from irm.rewards import TokenUtilityRM
+from irm.tune import (
+    CURVES_JSON,
+    SPLIT_JSON,
+    TUNE_CONFIG_JSON,
+    TuneConfig,
+    _trainer_args,
+    reward_model_identity,
+    tune,
+    tune_key,
+)
+
+TINY = "tiny-llama:n_layers=2"
+# Fast settings for the tiny model: short completions, 4 prompts x 8 generations per step.
+TINY_KW = dict(max_new_tokens=8, prompts_per_step=4, num_generations=8, eval_every=0, eval_prompts=16)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private IRM cache (tiny model checkpoints) for this module, and one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting on a shared CPU
+    root = tmp_path_factory.mktemp("irmcache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IRM_CACHE_DIR", str(root))
+        mp.setenv("IRM_PROGRESS", "0")
+        yield root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planted(cache):
+    """+3 on 200 random words of the tiny vocabulary; the response alone is scored."""
+    tok = load_model(TINY).tokenizer
+    words = sorted(w for w in tok.get_vocab() if w.isalpha())
+    random.Random(0).shuffle(words)
+    return TokenUtilityRM({w: 3.0 for w in words[:200]}, score_prompt=False, name="planted")
+
+
+@pytest.fixture(scope="module")
+def tuned(cache, planted, tmp_path_factory):
+    from irm.tracking import Tracker
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = TuneConfig(steps=12, learning_rate=0.1, **TINY_KW)
+    t0 = time.perf_counter()
+    with Tracker.open({}, run_dir=run_dir, mode="disabled") as tracker:
+        res = tune(TINY, planted, default_prompts(), cfg, cache_root=cache, run_dir=run_dir, tracker=tracker)
+    return res, run_dir, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- config
+def test_defaults_are_the_measured_recipe():
+    c = TuneConfig()
+    assert (c.algorithm, c.steps, c.learning_rate, c.beta) == ("grpo", 45, 3e-5, 0.04)
+    assert (c.num_generations, c.prompts_per_step, c.batch_size, c.max_new_tokens) == (8, 2, 16, 20)
+    assert (c.top_k, c.top_p, c.temperature, c.lora) == (0, 1.0, 1.0, False)
+    assert TuneConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(beta=0.0), "beta"),
+        (dict(num_generations=1), ">= 2"),
+        (dict(algorithm="ppo"), "'grpo'"),
+        (dict(held_out_fraction=1.0), "held_out_fraction"),
+        (dict(steps=0), "steps"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(learning_rate=-1.0), "learning_rate"),
+    ],
+)
+def test_config_errors_name_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TuneConfig(**kw)
+    with pytest.raises(ValueError, match="Unknown TuneConfig field"):
+        TuneConfig.from_dict({"stepz": 3})
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trainer_args_override_unsafe_trl_defaults(tmp_path, algorithm):
+    cfg = TuneConfig(algorithm=algorithm)
+    args = _trainer_args(cfg, tmp_path, torch.device("cpu"), disable_tqdm=True)
+    assert args.beta == 0.04 and args.learning_rate == 3e-5 and args.max_completion_length == 20
+    assert args.bf16 is False and args.fp16 is False and args.gradient_checkpointing is False
+    assert args.per_device_train_batch_size == 16 and args.num_generations == 8  # batch counts completions
+    assert args.report_to == [] or args.report_to == ["none"]
+    assert (args.top_k, args.top_p, args.temperature, args.seed) == (0, 1.0, 1.0, 0)
+    assert args.max_steps == 45 and args.save_strategy == "no"
+
+
+def test_cache_key_covers_what_determines_the_weights(planted):
+    base = {"kind": "tiny", "fingerprint": "abc"}
+    rm_id = reward_model_identity(planted)
+    k = tune_key(base, rm_id, TuneConfig(), "p")
+    assert k == tune_key(base, rm_id, TuneConfig(), "p")
+    assert k == tune_key(base, rm_id, TuneConfig(eval_every=3, final_eval=False, save_every=5), "p")
+    assert k != tune_key(base, rm_id, TuneConfig(steps=44), "p")
+    assert k != tune_key(base, rm_id, TuneConfig(seed=1), "p")
+    assert k != tune_key({"kind": "tiny", "fingerprint": "abd"}, rm_id, TuneConfig(), "p")
+    assert k != tune_key(base, rm_id, TuneConfig(), "q")
+    other = TokenUtilityRM({**planted.table, "zzz": 1.0}, score_prompt=False, name="planted")
+    assert k != tune_key(base, reward_model_identity(other), TuneConfig(), "p")
+    with pytest.warns(UserWarning, match="no identity"):
+        reward_model_identity(lambda prompts, completions, **kw: [0.0] * len(prompts))
+
+
+# --------------------------------------------------------------------------- tuning the tiny model
+def test_tiny_tune_learns_the_planted_reward(tuned, cache):
+    res, _, seconds = tuned
+    assert not res.reused and seconds < 60
+    ev = res.evaluation
+    # Held-out prompts: the tuned model's samples score far above the base's.
+    assert ev["reward"]["tuned"]["mean"] > ev["reward"]["base"]["mean"] + 1.0
+    assert ev["reward"]["effect_size"] > 2.0 and ev["reward"]["effect_size_ci"][0] > 1.0
+    assert ev["kl_per_token"]["mean"] > 0
+    held = [c for c in res.curves if "held_out_reward_mean" in c]
+    assert [c["step"] for c in held] == [0, 12]
+    assert held[-1]["held_out_reward_mean"] > held[0]["held_out_reward_mean"] + 1.0
+
+
+def test_tiny_tune_changed_the_parameters(tuned):
+    res, _, _ = tuned
+    pair = ModelPair(load_model(TINY), load_model(str(res.checkpoint)))
+    base_sd = pair.base.hf_model.state_dict()
+    diffs = {k: float((v - base_sd[k]).abs().max()) for k, v in pair.tuned.hf_model.state_dict().items()}
+    assert diffs["lm_head.weight"] > 1e-3
+    assert sum(d > 0 for d in diffs.values()) >= len(diffs) // 2  # full fine-tuning moves most tensors
+
+
+def test_tiny_tune_saves_its_record(tuned, cache):
+    res, run_dir, _ = tuned
+    out = res.checkpoint
+    assert out == cache / "tuned" / res.key and not (cache / "tuned" / f"{res.key}.partial").exists()
+    record = json.loads((out / TUNE_CONFIG_JSON).read_text())
+    assert record["seed"] == 0 and record["config"]["steps"] == 12 and record["rm"]["name"] == "planted"
+    assert record["base"]["spec"] == TINY and record["versions"]["trl"] != "not installed"
+    split = json.loads((out / SPLIT_JSON).read_text())
+    prompts = default_prompts()
+    assert not set(split["train"]) & set(split["held_out"])
+    assert sorted(split["train"] + split["held_out"]) == sorted(prompts)
+    assert len(split["held_out"]) == round(0.2 * len(prompts)) and res.held_out_prompts == split["held_out"]
+    curves = json.loads((out / CURVES_JSON).read_text())
+    steps = [c for c in curves if "reward_mean" in c]
+    assert [c["step"] for c in steps] == list(range(1, 13))
+    assert all(c["kl"] is not None and c["loss"] is not None for c in steps) and steps[-1]["kl"] > 0
+    assert (out / "evaluation.json").is_file() and not (out / "trainer").exists()
+    # The run directory: the summary, the curves plot, and the tracker's namespaced metrics.
+    summary = json.loads((run_dir / "tune.json").read_text())
+    assert summary["key"] == res.key and summary["evaluation"]["reward"] == res.evaluation["reward"]
+    assert (run_dir / "tune_curves.png").read_bytes()[:4] == b"\x89PNG"
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "tune/reward_mean" in r] == list(range(1, 13))
+    assert any("tune/held_out_reward_mean" in r and r["step"] == 0 for r in logged)
+
+
+def test_rerun_reuses_and_force_retrains(cache, planted):
+    cfg = TuneConfig(steps=2, learning_rate=0.05, final_eval=False, **TINY_KW)
+    first = tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
+    weights = first.checkpoint / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
+    assert again.reused and time.perf_counter() - t0 < 10
+    assert again.checkpoint == first.checkpoint and again.curves == first.curves
+    assert again.held_out_prompts == first.held_out_prompts and weights.stat().st_mtime_ns == stamp
+    forced = tune(TINY, planted, default_prompts(), cfg, cache_root=cache, force=True)
+    assert not forced.reused and forced.checkpoint == first.checkpoint and weights.stat().st_mtime_ns != stamp
+    other = tune(TINY, planted, default_prompts()[:100], cfg, cache_root=cache)
+    assert other.key != first.key  # other prompts, other model
+
+
+def test_rloo_runs_with_a_kl_penalty(cache, planted):
+    cfg = TuneConfig(algorithm="rloo", steps=2, learning_rate=0.05, final_eval=False, **TINY_KW)
+    res = tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
+    steps = [c for c in res.curves if "reward_mean" in c]
+    assert [c["step"] for c in steps] == [1, 2] and steps[-1]["kl"] > 0
+    base = load_model(TINY).hf_model.state_dict()
+    tuned = load_model(str(res.checkpoint)).hf_model.state_dict()
+    assert float((tuned["lm_head.weight"] - base["lm_head.weight"]).abs().max()) > 1e-3
+
+
+def test_lora_without_peft_says_how_to_install(cache, planted):
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("peft is installed")
+    cfg = TuneConfig(steps=1, lora=True, final_eval=False, **TINY_KW)
+    with pytest.raises(ImportError, match="pip install peft"):
+        tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
+
+
+def test_too_few_prompts(cache, planted):
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        tune(TINY, planted, default_prompts()[:4], TuneConfig(prompts_per_step=4), cache_root=cache)
+
+
+# --------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_smollm2_tunes_end_to_end(tmp_path):
+    """A few GRPO steps of SmolLM2 against VADER: the real path (GGUF -> plain checkpoint -> trl)."""
+    prompts = default_prompts()[:40]
+    cfg = TuneConfig(steps=2, eval_every=0, eval_prompts=8)
+    res = tune("smollm2-135m-instruct", TokenUtilityRM.from_vader(), prompts, cfg,
+               cache_root=tmp_path, run_dir=tmp_path / "run")
+    assert [c["step"] for c in res.curves if "reward_mean" in c] == [1, 2]
+    assert len(res.held_out_prompts) == 8 and res.evaluation["reward"]["base"]["n"] == 8
+    tuned = load_model(str(res.checkpoint))
+    base = load_model("smollm2-135m-instruct")
+    pair = ModelPair(base, tuned)
+    diff = max(float((p - q).abs().max()) for p, q in zip(pair.base.hf_model.parameters(),
+                                                            pair.tuned.hf_model.parameters()))
+    assert diff > 0
+    assert Path(res.checkpoint / "tokenizer_config.json").is_file()
