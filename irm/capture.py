@@ -24,6 +24,7 @@ Position rules (``positions``):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import re
@@ -237,7 +238,9 @@ def capture_activations(
 
     Returns the store. With ``rank``/``world_size`` each process computes shards ``i`` with
     ``i % world_size == rank`` into the same directory; rank 0 finalises the manifest once every
-    shard is present (call it after a barrier).
+    shard is present. Under ``torch.distributed`` (:mod:`irm.distributed`) one call per rank does it
+    all: rank 0 prepares the directory before the others look at it, and every rank returns once the
+    manifest is complete. Without it, call it again on rank 0 once every rank is done.
     """
     t0 = time.perf_counter()
     if not models:
@@ -284,12 +287,22 @@ def capture_activations(
         "n_shards": n_shards,
         "complete": False,
     }
+    from irm.distributed import barrier, is_distributed
+
+    # Ranks other than 0 wait until rank 0 has checked (or, with overwrite, removed) the directory
+    # and written the manifest: before that they could find a half-made store and refuse it, or
+    # commit shards that rank 0's overwrite then deletes.
+    synced = world_size > 1 and is_distributed()
+    if synced and rank != 0:
+        barrier()
     _prepare_dir(out_dir, fingerprint, settings, overwrite, rank)
     shard_dir = out_dir / STORE_SHARD_DIR
     if rank == 0:
         shard_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / STORE_MANIFEST).is_file():
             write_json_atomic(out_dir / STORE_MANIFEST, manifest)
+        if synced:
+            barrier()
     store = ActivationStore(out_dir, allow_incomplete=True) if (out_dir / STORE_MANIFEST).is_file() else None
 
     mine = [i for i in range(n_shards) if i % world_size == rank]
@@ -316,6 +329,8 @@ def capture_activations(
         _commit_shard(shard_dir, i, tensors)
     bar.close()
 
+    if synced:
+        barrier()  # every rank's shards are committed before rank 0 counts them
     if rank == 0:
         store = ActivationStore(out_dir, allow_incomplete=True)
         completed = store.completed_shards()
@@ -334,7 +349,9 @@ def capture_activations(
             write_json_atomic(out_dir / STORE_MANIFEST, manifest)
             log.info("Captured %d rows x %d hooks x %d models into %s in %.1f s",
                      manifest["total_rows"], len(hooks), len(roles), out_dir, time.perf_counter() - t0)
-    return ActivationStore(out_dir, allow_incomplete=world_size > 1)
+    if synced:
+        barrier()  # no rank returns before the manifest is complete
+    return ActivationStore(out_dir, allow_incomplete=world_size > 1 and not synced)
 
 
 def _prepare_dir(out_dir: Path, fingerprint: str, settings: Mapping[str, Any], overwrite: bool, rank: int) -> None:
@@ -374,23 +391,25 @@ def _capture_shard(
     # Sort the shard's texts by length so batches carry little padding; rows go back in dataset order.
     order = sorted(idx, key=lambda j: len(tok.ids[j]))
     per_text: dict[str, dict[int, Tensor]] = {activation_key(r, h): {} for r in models for h in hooks}
-    for b0 in range(0, len(order), batch_size):
-        batch = order[b0 : b0 + batch_size]
-        lens = [len(tok.ids[j]) for j in batch]
-        width = max(lens)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, j in enumerate(batch):
-            ids[r, width - lens[r]:] = torch.tensor(tok.ids[j])
-            mask[r, width - lens[r]:] = 1
-        for role, m in models.items():
-            acts = _forward_hooks(m, ids, mask, hooks, stop_layer)
-            for h, x in acts.items():
-                store = per_text[activation_key(role, h)]
-                for r, j in enumerate(batch):
-                    rows = x[r, (width - lens[r]) + tok.select[j]]  # [k, d] at the text's own positions
-                    store[j] = rows.mean(0, keepdim=True) if tok.reduce_mean else rows
-        bar.update(len(batch))
+    with contextlib.ExitStack() as attached:
+        recorders = {role: attached.enter_context(_HookRecorder(m, hooks)) for role, m in models.items()}
+        for b0 in range(0, len(order), batch_size):
+            batch = order[b0 : b0 + batch_size]
+            lens = [len(tok.ids[j]) for j in batch]
+            width = max(lens)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, j in enumerate(batch):
+                ids[r, width - lens[r]:] = torch.tensor(tok.ids[j])
+                mask[r, width - lens[r]:] = 1
+            for role, m in models.items():
+                acts = _forward_hooks(m, ids, mask, hooks, stop_layer, recorders[role])
+                for h, x in acts.items():
+                    store = per_text[activation_key(role, h)]
+                    for r, j in enumerate(batch):
+                        rows = x[r, (width - lens[r]) + tok.select[j]]  # [k, d] at the text's own positions
+                        store[j] = rows.mean(0, keepdim=True) if tok.reduce_mean else rows
+            bar.update(len(batch))
     out: dict[str, Tensor] = {}
     for key, d in per_text.items():
         out[key] = torch.cat([d[j] for j in idx]).to(store_dtype).contiguous()
@@ -407,32 +426,64 @@ def _capture_shard(
     return out
 
 
-def _forward_hooks(m: LoadedModel, ids: Tensor, mask: Tensor, hooks: Sequence[str], stop_layer: int | None):
-    acts: dict[str, Tensor] = {}
-    last = hooks[-1] if stop_layer is None else None
+class _HookRecorder:
+    """Forward hooks attached once per shard that record one batch's activations per forward pass.
 
-    def make_fn(name: str):
+    ``bridge.run_with_hooks`` resolves every hook name through ``bridge.hook_dict``, which rebuilds
+    TransformerLens's alias map on each access (~20 ms for SmolLM2): with every layer hooked that
+    cost ~0.6 s per batch, as much as the forward itself. Here the map is built once per shard.
+    """
+
+    def __init__(self, m: LoadedModel, hooks: Sequence[str]) -> None:
+        self.m, self.hooks = m, list(hooks)
+        self.acts: dict[str, Tensor] = {}
+        self.width = 0
+        self._points: list[Any] = []
+
+    def __enter__(self) -> _HookRecorder:
+        bridge = self.m.bridge
+        points = bridge.hook_dict
+        # A level of our own, so leaving removes only these hooks (not ones the caller added).
+        self._level = bridge.context_level + 1
+        try:
+            for h in self.hooks:
+                bridge.check_hooks_to_add(h)  # a gated-off hook point says which set_use_* to call
+                points[h].add_hook(self._make_fn(h), dir="fwd", level=self._level)
+                self._points.append(points[h])
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for point in self._points:
+            point.remove_hooks("fwd", level=self._level)
+        self._points = []
+
+    def _make_fn(self, name: str):
         def fn(x: Tensor, hook=None):
-            if x.dim() < 3 or x.shape[1] != ids.shape[1]:
+            if x.dim() < 3 or x.shape[1] != self.width:
                 raise ValueError(f"Hook {name!r} gives shape {tuple(x.shape)}; position rules need "
                                  "[batch, pos, ...] activations (e.g. hook_resid_post, hook_mlp_out).")
-            acts[name] = x.detach().reshape(x.shape[0], x.shape[1], -1).float().cpu()
-            if name == last and len(acts) == len(hooks):
+            self.acts[name] = x.detach().reshape(x.shape[0], x.shape[1], -1).float().cpu()
+            if len(self.acts) == len(self.hooks):
+                # Every hook has fired: later layers, the final norm and the unembedding are not needed
+                # (stop_at_layer cannot skip them when the last layer is hooked).
                 raise _StopForward
             return x
 
         return fn
 
+
+def _forward_hooks(m: LoadedModel, ids: Tensor, mask: Tensor, hooks: Sequence[str], stop_layer: int | None,
+                   recorder: _HookRecorder) -> dict[str, Tensor]:
+    recorder.acts, recorder.width = {}, ids.shape[1]
     dev = m.device
     try:
-        m.bridge.run_with_hooks(
-            ids.to(dev),
-            attention_mask=mask.to(dev),
-            fwd_hooks=[(h, make_fn(h)) for h in hooks],
-            stop_at_layer=stop_layer,
-        )
+        m.bridge(ids.to(dev), attention_mask=mask.to(dev), return_type=None, stop_at_layer=stop_layer)
     except _StopForward:
         pass
+    acts = recorder.acts
     missing = [h for h in hooks if h not in acts]
     if missing:
         raise RuntimeError(f"Hooks {missing} never fired during the forward pass; they may be gated off "

@@ -1,0 +1,281 @@
+"""Capture throughput against a bare Hugging Face forward and TransformerLens run_with_cache; peak RSS.
+
+Three ways to run the same texts through the same model, timed side by side in one process, with
+repetitions interleaved (A B C A B C ...) so that load from other jobs hits every side alike; the
+medians are compared:
+
+- ``capture``: :func:`irm.capture.capture_activations` with every layer's ``hook_resid_post`` at
+  ``positions="all"``, written to a store on disk (tokenising, hooks, row gathering, safetensors
+  and sha256 included);
+- ``hf``: the limit, ``hf_model(input_ids, attention_mask, position_ids)`` with no hooks on the
+  same left-padded, length-sorted batches, on a separate copy of the model that no bridge wraps;
+- ``hf_body``: the same without the unembedding (``hf_model.model(...)``), the tighter limit for a
+  capture of every layer;
+- ``tl_cache``: ``bridge.run_with_cache(input_ids, attention_mask=...)`` with no ``names_filter``
+  (every hook of every layer cached; what users often do), same batches.
+
+Capture stops the forward as soon as every hook has fired, so with every layer hooked it still
+skips the final norm and the unembedding; ``hf`` and ``tl_cache`` compute logits.
+
+Peak RSS: capture alone in a fresh subprocess (after a one-batch warm-up) for 1x and 4x the texts
+(the 1x texts repeated, so the shards are alike); a memory-bounded capture has the same peak for
+both, although the store grows 4x.
+
+    python benchmarks/bench_capture.py                       # SmolLM2-135M, 64 texts of ~4 prompts
+    python benchmarks/bench_capture.py --model tiny-llama --reps 9
+    python benchmarks/bench_capture.py --join 1 --n-texts 256  # the main job's short prompts
+    python benchmarks/bench_capture.py --profile             # + cProfile of one capture
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+os.environ.setdefault("IRM_PROGRESS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGET_VS_HF = 0.9
+
+
+def make_texts(n: int, join: int) -> list[str]:
+    """``n`` texts, each ``join`` consecutive default prompts (the capture tests' recipe)."""
+    from irm.data import default_prompts
+
+    base = default_prompts()
+    return [" ".join(base[(i + k) % len(base)] for k in range(join)) for i in range(n)]
+
+
+def _proc_status(field: str) -> float:
+    """A /proc/self/status memory field in MB (Linux)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS so the peak covers only the capture (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _batches(tokenizer, texts: list[str], batch_size: int, shard_size: int, max_length: int):
+    """The batches capture runs: per shard, texts sorted by length, left-padded, with positions."""
+    import torch
+
+    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    pad = tokenizer.pad_token_id
+    out = []
+    for lo in range(0, len(ids), shard_size):
+        order = sorted(range(lo, min(lo + shard_size, len(ids))), key=lambda j: len(ids[j]))
+        for b0 in range(0, len(order), batch_size):
+            rows = [ids[j] for j in order[b0:b0 + batch_size]]
+            width = max(map(len, rows))
+            x = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, t in enumerate(rows):
+                x[r, width - len(t):] = torch.tensor(t)
+                mask[r, width - len(t):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out.append((x, mask, pos))
+    return out, sum(map(len, ids))
+
+
+def _capture_kwargs(args) -> dict:
+    return dict(layers="all", positions="all", batch_size=args.batch_size, shard_size=args.shard_size,
+                max_length=args.max_length)
+
+
+# ----------------------------------------------------------------------------------------------
+def throughput(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from irm.capture import capture_activations, records_from_texts
+    from irm.models import load_model
+
+    m = load_model(args.model)
+    bare = AutoModelForCausalLM.from_pretrained(m.identity.checkpoint, dtype=torch.float32).eval()
+    bridge = m.bridge
+    texts = make_texts(args.n_texts, args.join)
+    records = records_from_texts(texts)
+    batches, n_tokens = _batches(m.tokenizer, texts, args.batch_size, args.shard_size, args.max_length)
+    work = Path(tempfile.mkdtemp(prefix="bench_capture_"))
+
+    def run_capture(k: int) -> None:
+        capture_activations({"base": m}, records, work / f"s{k}", **_capture_kwargs(args))
+
+    @torch.no_grad()
+    def run_hf(k: int) -> None:
+        for x, mask, pos in batches:
+            bare(input_ids=x, attention_mask=mask, position_ids=pos)
+
+    @torch.no_grad()
+    def run_tl(k: int) -> None:
+        for x, mask, _ in batches:
+            _, cache = bridge.run_with_cache(x, attention_mask=mask)
+            del cache
+
+    @torch.no_grad()
+    def run_hf_body(k: int) -> None:
+        for x, mask, pos in batches:
+            bare.model(input_ids=x, attention_mask=mask, position_ids=pos)
+
+    sides = {"capture": run_capture, "hf": run_hf, "hf_body": run_hf_body}
+    if not args.no_tl:
+        sides["tl_cache"] = run_tl
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    profile = None
+    try:
+        for rep in range(args.reps + 1):  # rep 0 warms up (allocator, kernels, page cache)
+            for side, fn in sides.items():
+                t0 = time.perf_counter()
+                fn(rep)
+                dt = time.perf_counter() - t0
+                if rep:
+                    times[side].append(dt)
+                shutil.rmtree(work / f"s{rep}", ignore_errors=True)
+        if args.profile:
+            profile = _profile(lambda: run_capture(-1), args.profile_top)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"n_tokens": n_tokens, "n_batches": len(batches), "n_layers": m.n_layers, "d_model": m.d_model,
+            "times": times, "profile": profile}
+
+
+def _profile(fn, top: int) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return f"cProfile of one capture (top {top} by own time):\n{buf.getvalue()}"
+
+
+# ----------------------------------------------------------------------------------------------
+def rss_side(args) -> None:
+    """In a fresh process: load, reset the peak, capture ``--n-texts`` texts, report peak RSS."""
+    import torch
+
+    from irm.capture import capture_activations, records_from_texts
+    from irm.models import load_model
+
+    torch.set_num_threads(args.threads)
+    m = load_model(args.model)
+    # 4x is the 1x texts 4 times over: identical shards, so a peak that grows is memory that
+    # accumulates with the data, not a longer text landing in some shard.
+    records = records_from_texts(make_texts(args.n_texts, args.join) * args.repeat)
+    out = Path(args.out)
+    # Warm up on one batch: the weights are mmapped and become resident only when a forward first
+    # touches them, which is model memory, not capture memory.
+    capture_activations({"base": m}, records[:args.batch_size], out.with_name("warmup"), **_capture_kwargs(args))
+    shutil.rmtree(out.with_name("warmup"))
+    reset_ok = _reset_peak_rss()
+    rss_warm = _proc_status("VmRSS")
+    t0 = time.perf_counter()
+    capture_activations({"base": m}, records, out, **_capture_kwargs(args))
+    dt = time.perf_counter() - t0
+    store_mb = sum(p.stat().st_size for p in (out / "shards").glob("*.safetensors")) / 2**20
+    print(json.dumps({"peak_rss_mb": _proc_status("VmHWM"), "rss_warm_mb": rss_warm, "store_mb": store_mb,
+                      "seconds": dt, "peak_reset": reset_ok}))
+
+
+def rss(args, factor: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_capture_rss_") as tmp:
+        cmd = [sys.executable, __file__, "--side", "rss", "--out", str(Path(tmp) / "store"),
+               "--model", args.model, "--n-texts", str(args.rss_texts), "--repeat", str(factor),
+               "--join", str(args.join),
+               "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
+               "--max-length", str(args.max_length), "--threads", str(args.threads)]
+        p = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model spec, e.g. tiny-llama")
+    parser.add_argument("--n-texts", type=int, default=64, help="texts per timed pass")
+    parser.add_argument("--join", type=int, default=4, help="default prompts per text (1: the main job's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=32,
+                        help="texts per shard (the unit of memory: keep it below --rss-texts)")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per side (after 1 warm-up)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: small models on a shared 2-core box run fastest)")
+    parser.add_argument("--rss-texts", type=int, default=64, help="texts of the 1x peak-RSS run (4x: 4 times)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--no-tl", action="store_true", help="skip TransformerLens run_with_cache")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one capture")
+    parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument("--side", choices=["rss"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side == "rss":
+        rss_side(args)
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    res = throughput(args)
+    med = {s: statistics.median(t) for s, t in res["times"].items()}
+    tps = {s: res["n_tokens"] / t for s, t in med.items()}
+    print(f"model={args.model} layers={res['n_layers']} d_model={res['d_model']} texts={args.n_texts} "
+          f"join={args.join} tokens={res['n_tokens']} batches={res['n_batches']} batch_size={args.batch_size} "
+          f"threads={args.threads} reps={args.reps} cpus={os.cpu_count()}")
+    names = {"capture": "irm capture (all resid_post)", "hf": "bare HF forward",
+             "hf_body": "bare HF body (no unembedding)", "tl_cache": "TL run_with_cache (no filter)"}
+    print(f"{'':32s}{'median s':>10s}{'min s':>9s}{'max s':>9s}{'tokens/s':>11s}")
+    for s, t in res["times"].items():
+        print(f"{names[s]:32s}{med[s]:10.3f}{min(t):9.3f}{max(t):9.3f}{tps[s]:11.0f}")
+    ratio_hf = tps["capture"] / tps["hf"]
+    verdict = "OK" if ratio_hf >= TARGET_VS_HF else "BELOW TARGET"
+    print(f"capture / bare HF forward:        {ratio_hf:.2f}x  (target >= {TARGET_VS_HF}x: {verdict})")
+    print(f"capture / bare HF body:           {tps['capture'] / tps['hf_body']:.2f}x  "
+          "(the pure cost of hooks, gathering and writing the store)")
+    if "tl_cache" in tps:
+        print(f"capture / TL run_with_cache:      {tps['capture'] / tps['tl_cache']:.2f}x")
+
+    if not args.no_rss:
+        one, four = rss(args, 1), rss(args, 4)
+        print(f"\npeak RSS, capture alone in a fresh process ({args.rss_texts} and {4 * args.rss_texts} texts):")
+        print(f"{'':24s}{'store MB':>10s}{'warm RSS MB':>13s}{'peak MB':>10s}{'peak - warm MB':>16s}")
+        for name, r in (("1x", one), ("4x", four)):
+            print(f"{name:24s}{r['store_mb']:10.0f}{r['rss_warm_mb']:13.0f}{r['peak_rss_mb']:10.0f}"
+                  f"{r['peak_rss_mb'] - r['rss_warm_mb']:16.0f}")
+        growth = four["peak_rss_mb"] - one["peak_rss_mb"]
+        more = four["store_mb"] - one["store_mb"]
+        print(f"peak grew {growth:+.0f} MB for {more:.0f} MB more stored data "
+              f"({100 * growth / more:+.1f}% of it; flat if ~0)")
+        if not (one["peak_reset"] and four["peak_reset"]):
+            print("note: could not reset peak RSS; peaks include model loading and the warm-up")
+    if res["profile"]:
+        print("\n" + res["profile"])
+
+
+if __name__ == "__main__":
+    main()
