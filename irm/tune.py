@@ -48,6 +48,7 @@ import torch
 
 from irm.constants import CHECKPOINT_SOURCE
 from irm.data import split_texts, texts_hash
+from irm.evaluate import EVAL_JSON
 from irm.log import get_logger
 
 __all__ = [
@@ -534,7 +535,7 @@ def _load_cached(out: Path, key: str, config: TuneConfig) -> TuneResult:
     record = json.loads((out / TUNE_CONFIG_JSON).read_text())
     split = json.loads((out / SPLIT_JSON).read_text())
     curves = json.loads((out / CURVES_JSON).read_text())
-    ev_path = out / "evaluation.json"
+    ev_path = out / EVAL_JSON
     evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else None
     return TuneResult(checkpoint=out, key=key, train_prompts=split["train"], held_out_prompts=split["held_out"],
                       curves=curves, wall_time_s=float(record.get("wall_time_s", 0.0)), reused=True,

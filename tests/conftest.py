@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 # Converted and built checkpoints are cached across test runs (git-ignored); a fresh clone builds
@@ -21,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models run fastest on one thread, and several test processes may share the two cores.
 torch.set_num_threads(int(os.environ.get("IRM_TEST_THREADS", "1")))
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("IRM_TEST_THREADS", "1"))
+# numpy's BLAS as well: a threaded eigh on a busy CPU runs 30x slower than a single-threaded one.
+threadpool_limits(int(os.environ.get("IRM_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

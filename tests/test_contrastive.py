@@ -11,7 +11,6 @@ import pytest
 from irm.contrastive import (
     ATTRIBUTES,
     Attribute,
-    Comparison,
     ContrastiveConfig,
     LLMRewriteGenerator,
     ProgrammaticGenerator,
@@ -59,8 +58,10 @@ class LengthRM(BaseRewardModel):
 # ----------------------------------------------------------------------------------------------
 # text edits
 def test_text_edits_record_what_they_changed():
-    r = swap_words("Good film. A GOOD cast, good-ish plot.", {"good": "bad"})
-    assert r.text == "Bad film. A BAD cast, good-ish plot." and [e.before for e in r.edits] == ["Good", "GOOD"]
+    r = swap_words("Good film. A GOOD cast, goodness, good-ish plot.", {"good": "bad"})
+    # Whole words only ("goodness" stays); a hyphen separates words ("20-minute" has the number 20).
+    assert r.text == "Bad film. A BAD cast, goodness, bad-ish plot." and [e.before for e in r.edits] == [
+        "Good", "GOOD", "good"]
     assert swap_words("nothing here", {"good": "bad"}) is None
     assert insert_sentence(" was fine.", "Whatever.").text == " was fine. Whatever."  # mid-sentence: append
     assert insert_sentence("It was fine.", "Look.").text == "Look. It was fine."
@@ -102,7 +103,7 @@ CASES = {  # a text each edit applies to, in both directions
     "politeness": " was a film. Thank you for reading.",
     "hedging": " was definitely a film, I think.",
     "specificity": " had some things and a 20-minute opening scene.",
-    "fluency": " was was a film film.",
+    "fluency": (" was was a film film.", " was a good film about a family."),  # (to raise, to lower)
     "harmlessness": " was violent and people die in it.",
 }
 
@@ -111,7 +112,7 @@ CASES = {  # a text each edit applies to, in both directions
 @pytest.mark.parametrize("direction", [1, -1])
 def test_programmatic_edits_move_their_attribute(name, direction):
     a = get_attribute(name)
-    text = CASES[name]
+    text = CASES[name] if isinstance(CASES[name], str) else CASES[name][direction < 0]
     r = a.perturb(text, direction, np.random.default_rng(0))
     assert not isinstance(r, str), r
     assert r.text != text and r.edits
@@ -153,7 +154,9 @@ def test_statistics():
 # ----------------------------------------------------------------------------------------------
 # the acceptance criterion and the engine
 def test_lexicon_rm_on_30_comparisons_meets_the_done_criterion(vader, sample30):
-    res = explain(sample30, [vader], embedder=None, n_variants=2, n_bootstrap=200)
+    cfg = ContrastiveConfig()  # the stage's defaults
+    res = explain(sample30, [vader], embedder=None, n_variants=cfg.n_variants, targets=cfg.targets,
+                  n_bootstrap=200)
     s = res.summary()
     cov = s["coverage"]["vader"]
     assert cov["programmatic"]["n_comparisons"] == 30
@@ -279,7 +282,8 @@ def test_llm_rewrite_two_steps_over_an_openai_compatible_server(tiny_base, monke
         assert [e.before for e in p1.edits] == ["boring"]  # only the chosen span changed
         assert p2.status == "failed" and "step 1" in p2.reason
         assert gen.parse_log.counts == {"spans": {"ok": 1, "failed": 1}, "mapping": {"ok": 1, "failed": 0}}
-        assert "Attribute: sentiment" in srv.requests[0]["body"]["messages"][1]["content"]
+        asked = srv.requests[0]["body"]["messages"][-1]["content"]
+        assert "Attribute: sentiment" in asked and "was boring and slow" in asked and "more positive" in asked
         assert get_attribute("sentiment").score(p1.text) > get_attribute("sentiment").score(p1.original)
 
 
@@ -338,7 +342,7 @@ def test_stage_explains_the_explicit_rm_and_the_run_irms(tmp_path):
     for p in res["plots"].values():
         assert os.path.getsize(p) > 1000
     md = (tmp_path / "run" / "contrastive.md").read_text()
-    assert "vader PFR" in md and "length PFR" in md and "Counterfactual" in md
+    assert "| attribute | vader | length |" in md and "Counterfactual" in md
     tables = {p.name for p in (tmp_path / "run" / "tables").iterdir()}
     assert {"contrastive__pfr.json", "contrastive__examples.json", "contrastive__coverage.json"} <= tables
     if ctx.tracker.mode == "offline":
@@ -352,14 +356,15 @@ def test_llm_rewrite_on_the_local_default_llm(smollm2, vader, sample30, tmp_path
     from irm.llm import CachedLLM, LocalChatLLM
 
     llm = CachedLLM(LocalChatLLM(smollm2), tmp_path)
-    gen = LLMRewriteGenerator(llm, max_tokens=40)
-    res = explain(sample30[:2], [vader], attributes=["sentiment"], generators=[gen], limits={"llm_rewrite": 2},
+    gen = LLMRewriteGenerator(llm, max_tokens=24)
+    res = explain(sample30[:1], [vader], attributes=["sentiment"], generators=[gen], limits={"llm_rewrite": 1},
                   embedder=None, n_bootstrap=50)
     s = res.summary()
     made = [s["validity"][f"llm_rewrite/sentiment/{d}"] for d in "+-"]
-    assert sum(v["n"] for v in made) == 8  # 2 comparisons x 2 responses x 2 directions
+    assert [v["n"] for v in made] == [2, 2]  # chosen and rejected, in each direction
     plog = s["llm_parsing"]["llm_rewrite"]
-    assert plog["counts"]["spans"]["ok"] + plog["counts"]["spans"]["failed"] == 8
-    # Validity is measured, not assumed: every ok rewrite was judged by the VADER scorer.
+    assert plog["counts"]["spans"]["ok"] + plog["counts"]["spans"]["failed"] == 4
+    assert llm.stats.misses == 4 + plog["counts"]["spans"]["ok"]  # step 2 only for parsed step-1 replies
+    # Validity is measured, not assumed: every rewrite that changed the text was judged by VADER.
     for v in made:
-        assert v["scored"] == v["ok"] and (v["moved_rate"] is None or 0 <= v["moved_rate"] <= 1)
+        assert v["ok"] + v["failed"] == 2 and v["scored"] == v["ok"]

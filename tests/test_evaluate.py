@@ -83,6 +83,16 @@ def test_repetition_flags_loops_and_collapse_but_not_noise():
     slight = [list(range(0, 10)), list(range(20, 30)), [1, 3, 1, 3, 9, 11, 13, 15, 17, 19]]
     rep, _ = repetition_report(natural10, slight)
     assert 0 < rep["tuned"] < 0.05 and not rep["flag_over_optimised"]
+    assert rep["ratio"] is None and rep["ratio_ci"] is None  # no ratio over a base that never repeats
+
+
+def test_repetition_ratio_has_a_bootstrap_ci():
+    rng = np.random.default_rng(0)
+    base = [list(rng.integers(0, 12, 20)) for _ in range(40)]  # small vocabulary: some repeats
+    tuned = [list(rng.integers(0, 6, 20)) for _ in range(40)]  # smaller still: more repeats
+    rep, _ = repetition_report(base, tuned)
+    lo, hi = rep["ratio_ci"]
+    assert rep["ratio"] > 1 and lo <= rep["ratio"] <= hi and lo > 1
 
 
 def test_bootstrap_effect_size():

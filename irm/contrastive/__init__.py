@@ -21,7 +21,13 @@ implicit reward models of a tuned model, Hugging Face classifier RMs.
 'sentiment'
 """
 
-from irm.contrastive.attributes import ATTRIBUTES, Attribute, get_attribute, register_attribute, resolve_attributes
+from irm.contrastive.attributes import (
+    ATTRIBUTES,
+    Attribute,
+    get_attribute,
+    register_attribute,
+    resolve_attributes,
+)
 from irm.contrastive.comparisons import (
     comparisons_from_model,
     comparisons_from_pair,

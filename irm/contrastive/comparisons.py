@@ -127,23 +127,37 @@ def order_by_rm(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], rm: 
     return out
 
 
+def _generate_until(n: int, prompts: Sequence[str], make: Any) -> list[Comparison]:
+    """Call ``make(prompt_chunk, offset)`` on chunks of ``n`` prompts until ``n`` comparisons (or 3 n prompts)."""
+    prompts = list(prompts)[: 3 * n]
+    if not prompts:
+        raise ValueError("No prompts to generate comparisons from.")
+    out: list[Comparison] = []
+    for start in range(0, len(prompts), n):
+        out += make(prompts[start : start + n], start)
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
 def comparisons_from_pair(pair: Any, prompts: Sequence[str], rm: Any, n: int, *, max_new_tokens: int = 24,
                           temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[Comparison]:
     """Base vs tuned responses to the same prompts, ordered by the explicit ``rm`` (ties dropped).
 
-    Up to ``3 n`` prompts are answered (ties are common for a lexicon RM on short texts); the first
-    ``n`` non-tied comparisons are kept.
+    Prompts are answered ``n`` at a time until ``n`` non-tied comparisons are found (ties are common
+    for a lexicon RM on short texts), using at most ``3 n`` prompts.
     """
     from irm.evaluate import generate
 
-    prompts = list(prompts)[: 3 * n]
-    if not prompts:
-        raise ValueError("No prompts to generate comparisons from.")
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-    base = generate(pair.base.hf_model, pair.base.tokenizer, prompts, desc="contrastive: base", **kw)
-    tuned = generate(pair.tuned.hf_model, pair.tuned.tokenizer, prompts, desc="contrastive: tuned", **kw)
-    return order_by_rm(prompts, base.completions, tuned.completions, rm, limit=n,
-                       ids=[f"pair-{i}" for i in range(len(prompts))])
+
+    def make(chunk: list[str], offset: int) -> list[Comparison]:
+        base = generate(pair.base.hf_model, pair.base.tokenizer, chunk, desc="contrastive: base", **kw)
+        tuned = generate(pair.tuned.hf_model, pair.tuned.tokenizer, chunk, desc="contrastive: tuned", **kw)
+        return order_by_rm(chunk, base.completions, tuned.completions, rm,
+                           ids=[f"pair-{offset + i}" for i in range(len(chunk))])
+
+    return _generate_until(n, prompts, make)
 
 
 def comparisons_from_model(model: Any, prompts: Sequence[str], rm: Any, n: int, *, max_new_tokens: int = 24,
@@ -151,10 +165,10 @@ def comparisons_from_model(model: Any, prompts: Sequence[str], rm: Any, n: int, 
     """Two samples of one model per prompt, ordered by the explicit ``rm`` (ties dropped)."""
     from irm.evaluate import generate
 
-    prompts = list(prompts)[: 3 * n]
-    if not prompts:
-        raise ValueError("No prompts to generate comparisons from.")
-    g = generate(model.hf_model, model.tokenizer, prompts, n_samples_per_prompt=2, max_new_tokens=max_new_tokens,
-                 temperature=temperature, seed=seed, batch_size=batch_size, desc="contrastive: samples")
-    a, b = g.completions[0::2], g.completions[1::2]
-    return order_by_rm(prompts, a, b, rm, limit=n, ids=[f"model-{i}" for i in range(len(prompts))])
+    def make(chunk: list[str], offset: int) -> list[Comparison]:
+        g = generate(model.hf_model, model.tokenizer, chunk, n_samples_per_prompt=2, max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed + offset, batch_size=batch_size, desc="contrastive: samples")
+        return order_by_rm(chunk, g.completions[0::2], g.completions[1::2], rm,
+                           ids=[f"model-{offset + i}" for i in range(len(chunk))])
+
+    return _generate_until(n, prompts, make)

@@ -230,8 +230,8 @@ class ContrastiveResult:
         best: dict[int, float] = {}
         for i in idx:
             if out[i] == "cf":
-                c = self.candidates[i]
-                best[c.comparison] = min(best.get(c.comparison, math.inf), c.syntactic)
+                cand = self.candidates[i]
+                best[cand.comparison] = min(best.get(cand.comparison, math.inf), cand.syntactic)
         res["closest_cf_syntactic_distance"] = float(np.mean(list(best.values()))) if best else None
         res.update(self._diversity([i for i in idx if out[i] == "cf"]))
         return res
@@ -278,7 +278,7 @@ class ContrastiveResult:
             n, k = int(totals[:, j].sum()), int(flips[:, j].sum())
             lo, hi = cluster_bootstrap_rate(flips[:, j], totals[:, j], n_boot=n_boot, seed=seed + j)
             entry = {"pfr": k / n if n else None, "ci": [lo, hi], "n": n, "n_flips": k}
-            if has_base:
+            if bflips is not None and btotals is not None:
                 bn = int(btotals[:, j].sum())
                 entry["random_pfr"] = int(bflips[:, j].sum()) / bn if bn else None
             pfr[a] = entry
@@ -316,7 +316,7 @@ class ContrastiveResult:
         out = self.outcomes(rm)
         n_cf = Counter(self.candidates[i].comparison for i in range(len(out))
                        if out[i] == "cf" and self.candidates[i].generator == generator)
-        order = sorted((i for i, t in taus.items() if t is not None), key=lambda i: (-taus[i], -n_cf[i], i))
+        order = sorted((i for i, t in taus.items() if t is not None), key=lambda i: (-(taus[i] or 0.0), -n_cf[i], i))
         rows = []
         flips, totals = self.pfr_counts(rm, generator)
         for i in order[:n_examples]:
@@ -529,10 +529,11 @@ def explain(
         return score_cache[key]
 
     valid_p: dict[int, bool] = {}
+    key_of: dict[int, tuple] = {}
     for g in gens:
         n = n_by_gen[g.name]
-        prompts = [c.prompt for c in comparisons[:n]] * 2
-        texts = [c.chosen for c in comparisons[:n]] + [c.rejected for c in comparisons[:n]]
+        prompts = [cmp.prompt for cmp in comparisons[:n]] * 2
+        texts = [cmp.chosen for cmp in comparisons[:n]] + [cmp.rejected for cmp in comparisons[:n]]
         for a in attrs:
             for d in (1, -1):
                 vkey = f"{g.name}/{a.name}/{'+' if d > 0 else '-'}"
@@ -546,6 +547,7 @@ def explain(
                     for j, p in enumerate(out):
                         side, i = ("chosen", j) if j < n else ("rejected", j - n)
                         perts[(g.name, a.name, d, var, side, i)] = p
+                        key_of[id(p)] = (g.name, a.name, d, var, side, i)
                         if (j, p.text) in seen_texts:  # a repeat of an earlier variant: counted once
                             valid_p[id(p)] = p.ok and _moved(a, p, d, attr_score) is not False
                             continue
@@ -558,7 +560,7 @@ def explain(
                         if p.ok and moved is not None:
                             v["scored"] += 1
                             v["moved"] += bool(moved)
-                            v["deltas"].append(d * (attr_score(a, p.text) - attr_score(a, p.original)))
+                            v["deltas"].append(d * (attr_score(a, p.text) - attr_score(a, p.original)))  # type: ignore[operator]
                         valid_p[id(p)] = p.ok and moved is not False
     validity = {k: _finish_validity(v) for k, v in validity.items()}
 
@@ -570,7 +572,7 @@ def explain(
         for i in range(n_by_gen[g.name]):
             for a in attrs:
                 for t in targets:
-                    seen: set[tuple[str, str]] = set()
+                    seen: set[tuple] = set()
                     for dc, dr in combos[t]:
                         for var in range(n_variants):
                             pc = perts[(g.name, a.name, dc, var, "chosen", i)] if dc else None
@@ -581,29 +583,29 @@ def explain(
                             key = (pc.text if pc else "", pr.text if pr else "")
                             if (dc, dr, *key) in seen:
                                 continue
-                            seen.add((dc, dr, *key))
+                            seen.add((dc, dr, *key))  # type: ignore[arg-type]
                             cands.append(Candidate(i, g.name, a.name, t, (dc, dr), var, pc, pr,
                                                    valid=all(valid_p[id(p)] for p in sides)))
 
     # ---- 3. the random baseline: same sides, same word edit sizes, random substitutions
     if random_baseline:
-        vocab = [w for c in comparisons for r in (c.chosen, c.rejected) for w in words(r)]
+        # One random twin per perturbation (same substitution/insertion/deletion counts); a random
+        # candidate combines the twins of its main candidate's sides, so both sets share a structure.
+        vocab = [w for cmp in comparisons for r in (cmp.chosen, cmp.rejected) for w in words(r)]
         rnd = RandomSubstitution(vocab)
-        for k in range(len(cands)):
-            c = cands[k]
-            if not c.valid:
+        twin: dict[int, Perturbation] = {}
+        for k in range(len(cands)):  # the main candidates only: the list grows below
+            main = cands[k]
+            if not main.valid:
                 continue
-            twins = []
-            for side, p in (("chosen", c.chosen), ("rejected", c.rejected)):
-                if p is None:
-                    twins.append(None)
-                    continue
-                rng = item_rng(seed, "random", c.generator, c.attribute, c.directions, c.variant, c.comparison, side)
-                twins.append(rnd.perturb_like(p, rng))
-            ok = all(p.ok for p in twins if p is not None)
-            if ok:
-                cands.append(Candidate(c.comparison, baseline_name(c.generator), c.attribute, c.target, c.directions,
-                                       c.variant, twins[0], twins[1], valid=True, twin_of=k))
+            twins: list[Perturbation | None] = []
+            for pert in (main.chosen, main.rejected):
+                if pert is not None and id(pert) not in twin:
+                    twin[id(pert)] = rnd.perturb_like(pert, item_rng(seed, "random", *key_of[id(pert)]))
+                twins.append(None if pert is None else twin[id(pert)])
+            if all(p.ok for p in twins if p is not None):
+                cands.append(Candidate(main.comparison, baseline_name(main.generator), main.attribute, main.target,
+                                       main.directions, main.variant, twins[0], twins[1], valid=True, twin_of=k))
 
     # ---- 4. score everything once per RM
     uniq: dict[tuple[str, str], int] = {}
@@ -611,11 +613,11 @@ def explain(
     def slot(prompt: str, text: str) -> int:
         return uniq.setdefault((prompt, text), len(uniq))
 
-    orig_slots = [(slot(c.prompt, c.chosen), slot(c.prompt, c.rejected)) for c in comparisons]
+    orig_slots = [(slot(cmp.prompt, cmp.chosen), slot(cmp.prompt, cmp.rejected)) for cmp in comparisons]
     cand_slots = []
-    for c in cands:
-        comp = comparisons[c.comparison]
-        ch, rj = c.texts(comp)
+    for cand in cands:
+        comp = comparisons[cand.comparison]
+        ch, rj = cand.texts(comp)
         cand_slots.append((slot(comp.prompt, ch), slot(comp.prompt, rj)))
     keys = list(uniq)
     original_margins, margins = {}, {}
@@ -640,8 +642,8 @@ def explain(
         log.info("contrastive: scored %d texts with %s", len(keys), name)
 
     # ---- 5. distances
-    for c in cands:
-        c.syntactic = float(np.mean([normalized_edit_distance(p.original, p.text) for p in c.sides()]))
+    for cand in cands:
+        cand.syntactic = float(np.mean([normalized_edit_distance(p.original, p.text) for p in cand.sides()]))
     twin_vectors: dict[int, np.ndarray] = {}
     emb = MiniLMEmbedder() if embedder == "minilm" else embedder
     if emb is not None:
@@ -659,15 +661,15 @@ def explain(
                 rest = item_rng(seed, "semantic", gname).choice(rest, semantic_sample, replace=False).tolist()
             chosen_k.update(rest)
         todo = sorted(chosen_k)
-        texts = sorted({t for c in comparisons for t in (c.chosen, c.rejected)}
+        texts = sorted({t for cmp in comparisons for t in (cmp.chosen, cmp.rejected)}
                        | {p.text for k in todo for p in cands[k].sides()})
         vecs = np.asarray(emb.encode(texts), dtype=np.float64)
         vecs /= np.clip(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12, None)
         row = {t: vecs[i] for i, t in enumerate(texts)}
         for k in todo:
-            c = cands[k]
-            c.semantic = float(np.mean([1.0 - float(row[p.original] @ row[p.text]) for p in c.sides()]))
-            ch, rj = c.texts(comparisons[c.comparison])
+            cand = cands[k]
+            cand.semantic = float(np.mean([1.0 - float(row[p.original] @ row[p.text]) for p in cand.sides()]))
+            ch, rj = cand.texts(comparisons[cand.comparison])
             twin_vectors[k] = np.concatenate([row[ch], row[rj]]) / math.sqrt(2)
         log.info("contrastive: embedded %d texts for semantic distances", len(texts))
 
@@ -678,7 +680,8 @@ def explain(
                 "embedder": None if emb is None else getattr(emb, "name", type(emb).__name__),
                 "syntactic_distance": "word-level Levenshtein / longer length",
                 "semantic_distance": "1 - cosine" if emb is not None else None,
-                "semantic_sample": semantic_sample if emb is not None else None}
+                "semantic_sample": semantic_sample if emb is not None else None,
+                "n_texts_scored": len(keys), "n_candidates": len(cands)}
     return ContrastiveResult(
         comparisons=comparisons, rm_names=list(rm_dict), attributes=[a.name for a in attrs], generators=names,
         candidates=cands, original_margins=original_margins, margins=margins, n_by_generator=n_by_gen,

@@ -13,7 +13,8 @@ order). Two ship, registered in :data:`GENERATORS`:
   reply that does not parse gives a ``failed`` perturbation with the reason, counted in a
   :class:`~irm.llm.ParseLog`.
 
-:class:`RandomSubstitution` is the baseline: random word substitutions of a given edit size.
+:class:`RandomSubstitution` is the baseline: random word edits of the same size as a given
+perturbation (the same numbers of substituted, inserted and deleted words), with random in-domain words.
 
 >>> gen = ProgrammaticGenerator()
 >>> [p] = gen.perturb([" was great fun."], get_attribute("sentiment"), -1, prompts=["It"], seed=0)
@@ -153,25 +154,39 @@ class ProgrammaticGenerator:
 
 
 # ----------------------------------------------------------------------------------------------
-_SYSTEM = "You are a careful text editor. You answer only in the requested JSON format."
+_SYSTEM = "You are a careful text editor. You answer only with JSON, without explanations."
+# One worked example per step shows small models the answer format (it is the same for every backend:
+# no prefilled assistant turns, which OpenAI-compatible servers do not all support).
+_EXAMPLE_TEXT = "The plot was dull, but the actors were great fun."
+_EXAMPLE_SPANS = ["dull"]
+_EXAMPLE_MAPPING = {"dull": "gripping"}
+
+
+def _step1_prompt(text: str, name: str, description: str, hint: str) -> str:
+    return (f"Attribute: {name} ({description}).\nText: \"{text.strip()}\"\n"
+            f"Which words or short phrases of the text should change to make the text {hint}? "
+            "Reply only with a JSON list of phrases copied exactly from the text.")
+
+
+def _step2_prompt(text: str, description: str, hint: str, spans: list[str]) -> str:
+    return (f"Text: \"{text.strip()}\"\nRewrite only these phrases so that the text becomes {hint} "
+            f"({description}): {json.dumps(spans)}\n"
+            "Reply only with a JSON object mapping each phrase to its rewrite.")
 
 
 def _step1_messages(text: str, attribute: Attribute, direction: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": (
-        f"Attribute: {attribute.name} ({attribute.description}).\n"
-        f"Text: \"{text.strip()}\"\n"
-        f"Which words or short phrases of the text are related to {attribute.name}, and should change to make "
-        f"the text {attribute.hint(direction)}? Reply only with a JSON list of phrases copied exactly from the "
-        "text, for example [\"phrase one\", \"phrase two\"].")}]
+    example = _step1_prompt(_EXAMPLE_TEXT, "sentiment", "how positive the opinion is", "more positive")
+    return [{"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": example}, {"role": "assistant", "content": json.dumps(_EXAMPLE_SPANS)},
+            {"role": "user", "content": _step1_prompt(text, attribute.name, attribute.description,
+                                                      attribute.hint(direction))}]
 
 
 def _step2_messages(text: str, attribute: Attribute, direction: int, spans: list[str]) -> list[dict[str, str]]:
-    return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": (
-        f"Text: \"{text.strip()}\"\n"
-        f"Rewrite only these phrases so that the text becomes {attribute.hint(direction)} "
-        f"({attribute.description}): {json.dumps(spans)}.\n"
-        "Reply only with a JSON object mapping each phrase to its rewrite, for example "
-        "{\"old phrase\": \"new phrase\"}.")}]
+    example = _step2_prompt(_EXAMPLE_TEXT, "how positive the opinion is", "more positive", _EXAMPLE_SPANS)
+    return [{"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": example}, {"role": "assistant", "content": json.dumps(_EXAMPLE_MAPPING)},
+            {"role": "user", "content": _step2_prompt(text, attribute.description, attribute.hint(direction), spans)}]
 
 
 def _apply_mapping(text: str, mapping: dict[str, str]) -> EditResult:

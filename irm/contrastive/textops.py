@@ -122,7 +122,7 @@ def delete_phrases(text: str, patterns: Sequence[str]) -> EditResult | None:
         edits.append(Edit("delete", m.group(0), "", m.start()))
         pos = m.end()
     out.append(text[pos:])
-    lead = re.match(r"\s*", text).group(0)
+    lead = text[: len(text) - len(text.lstrip())]
     new = _tidy("".join(out))
     # Keep the original leading whitespace: a response often continues its prompt after a space.
     new = lead + new.lstrip()

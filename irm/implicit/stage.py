@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from irm.capture import capture_activations
+from irm.capture import StoreExistsError, capture_activations
 from irm.config import ConfigError, register_section
 from irm.implicit.logratio import LogRatioRM
 from irm.implicit.reconstruct import (
@@ -38,7 +38,7 @@ log = get_logger(__name__)
 
 @dataclass
 class IRMConfig:
-    max_words: int = field(default=1500, metadata={"help": "Lexicon words used (deterministic subsample)."})
+    max_words: int = field(default=1000, metadata={"help": "Lexicon words used (deterministic subsample)."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of words held out from every fit."})
     layers: list[int] | str = field(default="top_k", metadata={
         "help": "'top_k' (the most divergent layers, plus the last), 'all', or a list of layer indices."})
@@ -76,9 +76,13 @@ def collect_word_data(pair, split: WordSplit, table: dict[str, float], hooks: li
     n, T = len(words), len(TEMPLATES)
     lp_b = word_logprobs(pair.base, all_words, batch_size=batch_size)
     lp_t = word_logprobs(pair.tuned, all_words, batch_size=batch_size)
-    store = capture_activations({"base": pair.base, "tuned": pair.tuned}, word_records(all_words), store_dir,
-                                hooks=hooks, positions="target", batch_size=batch_size, shard_size=1024,
-                                max_length=32, overwrite=overwrite, dataset={"source": "irm word templates"})
+    kw = dict(hooks=hooks, positions="target", batch_size=batch_size, shard_size=1024, max_length=32,
+              dataset={"source": "irm word templates"})
+    models = {"base": pair.base, "tuned": pair.tuned}
+    try:  # the same words, models and hooks as last time: the store is reused (or resumed)
+        store = capture_activations(models, word_records(all_words), store_dir, overwrite=overwrite, **kw)
+    except StoreExistsError:  # a store of other settings from an earlier run of this stage: replace it
+        store = capture_activations(models, word_records(all_words), store_dir, overwrite=True, **kw)
     feats: dict[str, dict[str, np.ndarray]] = {}
     dist: dict[str, np.ndarray] = {}
     for h in hooks:
@@ -145,8 +149,7 @@ def _stage_irm(ctx: RunContext) -> None:
                                  seed=ctx.cfg.seed)
     layers = _layers(ctx, cfg, ctx.pair.base.n_layers)
     hooks = [cfg.hook.format(layer=li) for li in layers]
-    data = collect_word_data(ctx.pair, split, rm.table, hooks, ctx.run_path / "irm_store", batch_size=cfg.batch_size,
-                             overwrite=True)
+    data = collect_word_data(ctx.pair, split, rm.table, hooks, ctx.run_path / "irm_store", batch_size=cfg.batch_size)
     results = reconstruct(data, n_boot=cfg.n_boot, seed=ctx.cfg.seed, feature_sets=cfg.feature_sets)
     summary = summarise(results)
     top = best(results, UNSUPERVISED)
