@@ -81,7 +81,9 @@ def _cmd_explain(args) -> int:
     from irm.pipeline import run_experiment
 
     cfg = _load(args)
-    ctx = run_experiment(cfg, force=args.force, only=["reward", "tune", "pair", "contrastive"])
+    # The IRMs are explained too, so the stages that build them run first.
+    ctx = run_experiment(cfg, force=args.force,
+                         only=["reward", "tune", "pair", "evaluate", "divergence", "irm", "contrastive", "report"])
     print(f"Results: {ctx.run.results_path}")
     return 0
 
