@@ -357,7 +357,7 @@ def distributed_capture(cfg: Any, *, overwrite: bool | None = None):
             ctx.run.update_results("capture", {
                 "store": str(store.path), "rows": store.n_rows, "hooks": len(store.hooks), "roles": store.roles,
                 "positions": c.positions, "seconds": seconds, "world_size": info.world_size})
-            ctx.tracker.log({"capture/rows": store.n_rows, "capture/seconds": seconds}, step=0)
+            ctx.tracker.log({"capture/rows": store.n_rows, "capture/seconds": seconds}, step=ctx.tracker.current_step)
     finally:
         if ctx is not None:
             ctx.tracker.finish()

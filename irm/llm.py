@@ -663,10 +663,10 @@ def _json_values(text: str, opener: str):
 
 @register_parser("label01")
 def _parse_label01(text: str) -> int:
-    """A leading 0/1, a leading "yes"/"no"/"true"/"false" standing alone ("No, ..." but not "no idea"),
+    """A leading 0/1, a leading "yes"/"no"/"true"/"false" standing alone ("No, ...", "Yes | x", not "no idea"),
     else the one digit 0 or 1 that appears as a label anywhere ("Label: 1")."""
     t = text.strip().lower()
-    m = re.match(r"^\W*([01])(?!\w|\.\d)", t) or re.match(r"^\W*(yes|no|true|false)\s*(?:[.,:;!)\-]|$)", t)
+    m = re.match(r"^\W*([01])(?!\w|\.\d)", t) or re.match(r"^\W*(yes|no|true|false)\s*(?:[.,:;!)|\-]|$)", t)
     if m:
         return int(m.group(1) in ("1", "yes", "true"))
     found = {int(x) for x in re.findall(r"(?<![\w.])([01])(?!\w|\.\d)", t)}

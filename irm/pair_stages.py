@@ -89,7 +89,7 @@ def _stage_evaluate(ctx: RunContext) -> None:
                         max_new_tokens=cfg.max_new_tokens, seed=ctx.cfg.seed, run_dir=out_dir,
                         batch_size=cfg.batch_size, n_boot=cfg.n_boot)
     ctx.run.update_results("evaluation", res)
-    ctx.tracker.log(evaluation_metrics(res), step=0)
+    ctx.tracker.log(evaluation_metrics(res), step=ctx.tracker.current_step)
     samples = [json.loads(line) for line in (out_dir / "eval_samples.jsonl").read_text().splitlines() if line]
     ctx.state["samples"] = [{k: s[k] for k in ("prompt", *ROLES)} for s in samples]
     ctx.tracker.log_table("eval/samples", ["prompt", "base", "tuned", "reward_base", "reward_tuned"],
@@ -110,7 +110,6 @@ def _stage_divergence(ctx: RunContext) -> None:
                            rank_by=cfg.rank_by, max_length=cfg.max_length)
     ctx.state["top_layers"] = list(res["top_k"])
     ctx.run.update_results("divergence", res)
-    for row in res["layers"]:
-        ctx.tracker.log({f"divergence/{k}": row[k] for k in ("param_abs", "param_rel", "act_rel_l2", "act_cosine")
-                         if row.get(k) is not None}, step=int(row["layer"]))
+    cols = ["layer", "param_abs", "param_rel", "act_rel_l2", "act_cosine"]
+    ctx.tracker.log_table("divergence/layers", cols, [[row.get(c) for c in cols] for row in res["layers"]])
 

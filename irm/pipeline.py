@@ -153,7 +153,7 @@ def capture_for_config(ctx: RunContext):
     info = {"store": str(store.path), "rows": store.n_rows, "hooks": len(store.hooks), "roles": store.roles,
             "positions": cfg.positions, "seconds": time.perf_counter() - t0}
     ctx.run.update_results("capture", info)
-    ctx.tracker.log({"capture/rows": store.n_rows, "capture/seconds": info["seconds"]}, step=0)
+    ctx.tracker.log({"capture/rows": store.n_rows, "capture/seconds": info["seconds"]}, step=ctx.tracker.current_step)
     return store
 
 

@@ -299,6 +299,12 @@ class Tracker:
 
     # ----------------------------------------------------------------- logging
 
+    @property
+    def current_step(self) -> int:
+        """The highest step logged so far (0 before any): where a stage's one-off results go, since
+        wandb drops rows whose step is below an earlier one."""
+        return self._last_step or 0
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Log scalar ``metrics`` (keys ``"section/name"``) at ``step``.
 

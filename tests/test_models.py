@@ -25,9 +25,11 @@ def test_tiny_spec_parsing():
         TinyRecipe.parse("tiny-llama:width=3")
 
 
-def test_tiny_model_is_deterministic_and_word_level(tiny_base, tmp_path):
+def test_tiny_model_is_deterministic_and_word_level(tmp_path):
+    # A fresh load: the shared fixture may already be wrapped in a bridge, which renames its modules.
+    cached = load_model("tiny-llama")
     model, tok = build_tiny_llama(tmp_path / "again")
-    a = dict(tiny_base.hf_model.named_parameters())
+    a = dict(cached.hf_model.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, a[name]), name
     ids = tok("The movie was wonderful")["input_ids"]
@@ -36,14 +38,16 @@ def test_tiny_model_is_deterministic_and_word_level(tiny_base, tmp_path):
     assert tok.padding_side == "left"
 
 
-def test_local_directory_roundtrip(tiny_base, tmp_path):
-    tiny_base.hf_model.save_pretrained(tmp_path / "ckpt")
-    tiny_base.tokenizer.save_pretrained(tmp_path / "ckpt")
+def test_local_directory_roundtrip(tmp_path):
+    # save_pretrained fails once a model is bridged, so save a fresh (unbridged) load.
+    src = load_model("tiny-llama")
+    src.hf_model.save_pretrained(tmp_path / "ckpt")
+    src.tokenizer.save_pretrained(tmp_path / "ckpt")
     m = load_model(str(tmp_path / "ckpt"))
     assert m.identity.kind == "local"
     assert m.identity.fingerprint and len(m.identity.fingerprint) == 64
     x = torch.tensor([[5, 6, 7]])
-    assert torch.allclose(m.hf_model(x).logits, tiny_base.hf_model(x).logits)
+    assert torch.allclose(m.hf_model(x).logits, src.hf_model(x).logits)
 
 
 def test_bad_specs_say_what_is_wrong(tmp_path):

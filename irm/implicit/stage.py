@@ -186,7 +186,7 @@ def _stage_irm(ctx: RunContext) -> None:
     tau = summary["best_unsupervised"]["kendall_tau"]
     ctx.tracker.log({"irm/best_tau": tau["value"], "irm/best_tau_low": tau["low"],
                      "irm/ceiling_tau": summary["ceiling"]["kendall_tau"]["value"],
-                     "irm/control_tau": summary["control"]["kendall_tau"]["value"]}, step=0)
+                     "irm/control_tau": summary["control"]["kendall_tau"]["value"]}, step=ctx.tracker.current_step)
     ctx.tracker.log_table("irm/sources", ["source", "kind", "cv_tau_fit", "tau", "tau_low", "tau_high", "recovered",
                                           "badly_wrong"],
                           [[r.name, r.kind, r.cv_tau_fit, r.metrics["kendall_tau"]["value"],
