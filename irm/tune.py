@@ -16,8 +16,11 @@ The tuned model is written as a plain HF checkpoint (``irm.models.load_model(pat
 inputs returns the cached model (``reused=True``); ``force=True`` retrains.
 
 The defaults are a recipe measured on a 2-core CPU with SmolLM2-135M-Instruct against VADER (full
-fine-tuning, GRPO, lr 3e-5, beta 0.04, 2 prompts x 8 generations, 20 new tokens, pure sampling):
-about 8 s per step, held-out reward up by well over one base standard deviation in 45 steps.
+fine-tuning, GRPO, lr 1e-4 decayed linearly over 30 steps, beta 0.04, 2 prompts x 8 generations, 20
+new tokens, pure sampling). Measured (one seed, 64 held-out prompts): reward 0.19 +- 0.53 (base) ->
+1.23 +- 0.83 (tuned), effect size 1.97 base std (bootstrap CI 1.53-2.77), repetition 0.25x the base's,
+KL 0.48 nats/token. lr 3e-5 over 45 steps gave only 0.44 std; lr 1e-4 over 45 steps gave 5.0 std
+but repeated twice as much as the base. About 8 s per step on an idle 2-core CPU.
 
 >>> from irm.rewards import TokenUtilityRM
 >>> from irm.data import default_prompts
@@ -89,8 +92,8 @@ class TuneConfig:
     """
 
     algorithm: str = _f("grpo", "trl trainer: 'grpo' (GRPOTrainer) or 'rloo' (RLOOTrainer).")
-    steps: int = _f(45, "Optimiser steps; each generates prompts_per_step x num_generations completions.")
-    learning_rate: float = _f(3e-5, "Peak learning rate (AdamW). Full fine-tuning of a 135M model: ~3e-5; "
+    steps: int = _f(30, "Optimiser steps; each generates prompts_per_step x num_generations completions.")
+    learning_rate: float = _f(1e-4, "Peak learning rate (AdamW), decayed linearly. Full fine-tuning of SmolLM2-135M: 1e-4; "
                                     "LoRA: ~3e-4.")
     lr_scheduler: str = _f("linear", "transformers lr scheduler: linear (decay to 0), constant, cosine, ...")
     beta: float = _f(0.04, "KL penalty to the base model; must be > 0 (trl's default 0 drops the base).")
@@ -138,7 +141,7 @@ class TuneConfig:
             raise ValueError(f"TuneConfig.beta is {self.beta!r}; it must be > 0: without the KL penalty to the "
                              "base there is no implicit reward to study (try 0.04).")
         if not (self.learning_rate > 0 and np.isfinite(self.learning_rate)):
-            raise ValueError(f"TuneConfig.learning_rate must be > 0, got {self.learning_rate!r} (try 3e-5).")
+            raise ValueError(f"TuneConfig.learning_rate must be > 0, got {self.learning_rate!r} (try 1e-4).")
         if not self.temperature > 0:
             raise ValueError(f"TuneConfig.temperature must be > 0 for sampling, got {self.temperature!r}.")
         if not 0 < self.top_p <= 1:

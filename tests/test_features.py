@@ -20,6 +20,7 @@ from irm.features import (
     activation_change,
     activation_rate_check,
     alignment_test,
+    classification_messages,
     compare_dictionaries,
     decoder_directions,
     effective_decoder,
@@ -300,6 +301,11 @@ def test_parse_classification_forms():
     assert parse_classification("0\nAttribute: dates")[1] == "dates"
     p, attr = parse_classification("")
     assert not p.ok and attr is None
+    # The worked examples shown to the LLM must themselves parse as the labels they demonstrate.
+    msgs = classification_messages("x", ["a <<b>>"], "sentiment")
+    shots = [m["content"] for m in msgs if m["role"] == "assistant"]
+    assert [parse_classification(a)[0].value for a in shots] == [1, 0] and msgs[-1]["role"] == "user"
+    assert [m["role"] for m in classification_messages("x", ["a"], "s", few_shot=False)] == ["system", "user"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,8 +457,9 @@ def test_features_stage_end_to_end_on_a_tiny_pair(tmp_path, tiny_base, tiny_tune
 
 
 def test_features_stage_without_tuned_model_records_what_it_skipped(tmp_path, tiny_base):
+    # The tiny model's context (256 tokens) has no room for the few-shot examples.
     cfg = _tiny_cfg(tmp_path, llm={"model": "tiny-llama", "max_tokens": 6, "cache": False}, n_features=3,
-                    texts=["prompts"])
+                    texts=["prompts"], classify_few_shot=False)
     cfg.models.tuned = None
     ctx = _run_stages(cfg, tiny_base, None)
     sec = json.loads((ctx.run_path / "results.json").read_text())["features"]

@@ -71,7 +71,7 @@ def tuned(cache, planted, tmp_path_factory):
 # --------------------------------------------------------------------------- config
 def test_defaults_are_the_measured_recipe():
     c = TuneConfig()
-    assert (c.algorithm, c.steps, c.learning_rate, c.beta) == ("grpo", 45, 3e-5, 0.04)
+    assert (c.algorithm, c.steps, c.learning_rate, c.beta) == ("grpo", 30, 1e-4, 0.04)
     assert (c.num_generations, c.prompts_per_step, c.batch_size, c.max_new_tokens) == (8, 2, 16, 20)
     assert (c.top_k, c.top_p, c.temperature, c.lora) == (0, 1.0, 1.0, False)
     assert TuneConfig.from_dict(c.to_dict()) == c
@@ -100,12 +100,12 @@ def test_config_errors_name_the_field(kw, match):
 def test_trainer_args_override_unsafe_trl_defaults(tmp_path, algorithm):
     cfg = TuneConfig(algorithm=algorithm)
     args = _trainer_args(cfg, tmp_path, torch.device("cpu"), disable_tqdm=True)
-    assert args.beta == 0.04 and args.learning_rate == 3e-5 and args.max_completion_length == 20
+    assert args.beta == 0.04 and args.learning_rate == 1e-4 and args.max_completion_length == 20
     assert args.bf16 is False and args.fp16 is False and args.gradient_checkpointing is False
     assert args.per_device_train_batch_size == 16 and args.num_generations == 8  # batch counts completions
     assert args.report_to == [] or args.report_to == ["none"]
     assert (args.top_k, args.top_p, args.temperature, args.seed) == (0, 1.0, 1.0, 0)
-    assert args.max_steps == 45 and args.save_strategy == "no"
+    assert args.max_steps == 30 and args.save_strategy == "no"
 
 
 def test_cache_key_covers_what_determines_the_weights(planted):
@@ -114,7 +114,7 @@ def test_cache_key_covers_what_determines_the_weights(planted):
     k = tune_key(base, rm_id, TuneConfig(), "p")
     assert k == tune_key(base, rm_id, TuneConfig(), "p")
     assert k == tune_key(base, rm_id, TuneConfig(eval_every=3, final_eval=False, save_every=5), "p")
-    assert k != tune_key(base, rm_id, TuneConfig(steps=44), "p")
+    assert k != tune_key(base, rm_id, TuneConfig(steps=29), "p")
     assert k != tune_key(base, rm_id, TuneConfig(seed=1), "p")
     assert k != tune_key({"kind": "tiny", "fingerprint": "abd"}, rm_id, TuneConfig(), "p")
     assert k != tune_key(base, rm_id, TuneConfig(), "q")

@@ -238,18 +238,33 @@ def explanation_messages(snippets: Sequence[str]) -> list[dict[str, str]]:
     ]
 
 
-def classification_messages(explanation: str, snippets: Sequence[str], reward_description: str) -> list[dict[str, str]]:
-    """Ask whether a feature is related to the reward (described in words): ``1 | attribute`` or ``0 | attribute``."""
-    return [
-        {"role": "system", "content": _SYSTEM},
-        {"role": "user", "content": (
-            f"A feature of a language model was explained as: \"{explanation}\"\n"
+def _classification_question(explanation: str, snippets: Sequence[str], reward_description: str) -> str:
+    return (f"A feature of a language model was explained as: \"{explanation}\"\n"
             f"Snippets where it is active (active tokens marked {MARK_OPEN}like this{MARK_CLOSE}):\n"
             f"{_numbered(snippets)}\n\n"
             f"Is this feature related to {reward_description}? Reply in the form `<1 or 0> | <attribute>`, where 1 "
-            "means related and 0 means unrelated, and <attribute> names what the feature tracks, "
-            "e.g. `1 | positive sentiment` or `0 | punctuation`.")},
+            "means related and 0 means unrelated, and <attribute> names what the feature tracks.")
+
+
+def classification_messages(explanation: str, snippets: Sequence[str], reward_description: str, *,
+                            few_shot: bool = True) -> list[dict[str, str]]:
+    """Ask whether a feature is related to the reward (described in words): ``1 | attribute`` or ``0 | attribute``.
+
+    With ``few_shot``, two worked examples come first: small chat models (SmolLM2-135M) answer in prose
+    ("The feature is related to ...") without them, which no parser can read as a label.
+    """
+    shots = [
+        ("Words that praise a film.", [f"The acting was {MARK_OPEN}superb{MARK_CLOSE}",
+                                       f"a {MARK_OPEN}wonderful{MARK_CLOSE} story"], "1 | praise (positive sentiment)"),
+        ("Commas.", [f"After the film{MARK_OPEN},{MARK_CLOSE} I", f"Honestly{MARK_OPEN},{MARK_CLOSE} the"],
+         "0 | punctuation"),
     ]
+    msgs = [{"role": "system", "content": _SYSTEM}]
+    for expl, snips, answer in shots if few_shot else []:
+        msgs.append({"role": "user", "content": _classification_question(expl, snips, reward_description)})
+        msgs.append({"role": "assistant", "content": answer})
+    msgs.append({"role": "user", "content": _classification_question(explanation, snippets, reward_description)})
+    return msgs
 
 
 def parse_classification(text: str, *, excerpt_chars: int = 200):
@@ -285,6 +300,7 @@ def explain_and_classify(
     classify_tokens: int = 16,
     temperature: float = 0.0,
     seed: int = 0,
+    few_shot: bool = True,
 ) -> None:
     """Fill ``explanation``, ``label`` and ``attribute`` of each record with two LLM calls per feature.
 
@@ -308,7 +324,8 @@ def explain_and_classify(
             explained.append(r)
         else:
             r.errors.append(f"explanation did not parse ({parsed.error}): {parsed.excerpt!r}")
-    replies = complete_many(llm, [classification_messages(r.explanation or "", r.snippets, reward_description)
+    replies = complete_many(llm, [classification_messages(r.explanation or "", r.snippets, reward_description,
+                                                          few_shot=few_shot)
                                   for r in explained], max_tokens=classify_tokens, **gen)
     for r, reply in zip(explained, replies, strict=True):
         parsed, attribute = parse_classification(reply)

@@ -128,6 +128,8 @@ class FeaturesConfig:
     llm: LLMConfig = _h("LLM for explanations and labels ([features.llm]); max_tokens bounds an explanation.",
                         factory=lambda: LLMConfig(max_tokens=40))
     classify_tokens: int = _h("Most new tokens of a classification reply.", 12)
+    classify_few_shot: bool = _h("Show the LLM two worked classification examples first (small models need "
+                                 "them to answer in the parsable form; they cost ~200 prompt tokens).", True)
     relevance_top_k: int = _h("Ground truth: top-activating tokens whose words are looked up in the lexicon.", 20)
     relevance_threshold: float = _h("Ground truth: a feature is reward-relevant when at least this share of its "
                                     "top tokens carry lexicon utility.", 0.7)
@@ -444,7 +446,8 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
     t = time.perf_counter()
     plog = ParseLog()
     explain_and_classify(llm, feature_recs, cfg.reward_description, plog=plog, explain_tokens=cfg.llm.max_tokens,
-                         classify_tokens=cfg.classify_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed)
+                         classify_tokens=cfg.classify_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
+                         few_shot=cfg.classify_few_shot)
     timings["autointerp"] = time.perf_counter() - t
     section["autointerp"] = {
         "llm": llm.name, "n_features": len(feature_recs), "reward_description": cfg.reward_description,
