@@ -18,6 +18,10 @@ Position rules (``positions``):
 ``response_mean``  the mean over the response's tokens (records with a prompt and a response)
 ``target``         the last token of a target word or span in each text (records with a target)
 
+With ``logprobs=True`` the same forward pass also stores, per text and model, the log-probability of
+the text's response (``sum log p(t | ctx)`` over the tokens after ``prompt_chars``), read with
+:meth:`~irm.store.ActivationStore.logprobs`: one pass instead of a capture plus a scoring pass.
+
 >>> capture_activations({"base": base, "tuned": tuned}, records, "stores/run1",
 ...                     hooks=["blocks.3.hook_resid_post"], positions="last")
 """
@@ -47,7 +51,7 @@ from irm.constants import (
 )
 from irm.log import get_logger, progress
 from irm.models import LoadedModel
-from irm.store import ActivationStore, activation_key, file_sha256, write_json_atomic
+from irm.store import ActivationStore, activation_key, file_sha256, logprob_key, write_json_atomic
 
 __all__ = [
     "CaptureRecord",
@@ -152,9 +156,11 @@ class _Tokenized:
     ids: list[list[int]]
     select: list[np.ndarray]  # per text: token positions whose rows are kept (or weighted)
     reduce_mean: bool
+    response: list[np.ndarray] | None = None  # per text: positions of response tokens (logprobs)
 
 
-def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length: int) -> _Tokenized:
+def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length: int,
+              logprobs: bool = False) -> _Tokenized:
     enc = tokenizer(
         [r.text for r in records],
         add_special_tokens=True,
@@ -164,6 +170,7 @@ def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length
     )
     ids: list[list[int]] = []
     select: list[np.ndarray] = []
+    response: list[np.ndarray] = []
     for i, (rec, tok_ids, offs) in enumerate(zip(records, enc["input_ids"], enc["offset_mapping"], strict=True)):
         if not tok_ids:
             raise ValueError(f"Record {i} tokenizes to no tokens: {rec.text!r}. Remove empty texts.")
@@ -193,9 +200,19 @@ def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length
             sel = hit[-1:]  # the word's last token: the model has read the whole word there
         else:
             raise ValueError(f"Unknown position rule {rule!r}; valid rules are {POSITION_RULES}.")
+        if logprobs:
+            if rec.prompt_chars is None:
+                raise ValueError(f"Record {i} has no prompt/response split; logprobs=True scores the response "
+                                 "of each record, so give every record prompt_chars.")
+            resp = np.nonzero(offs[:, 1] > rec.prompt_chars)[0]
+            resp = resp[resp > 0]  # the first token has no context to be predicted from
+            if len(resp) == 0:
+                raise ValueError(f"Record {i}: no response token to score (empty, or truncated at "
+                                 f"max_length={max_length}): {rec.text!r}")
+            response.append(resp)
         ids.append(list(tok_ids))
         select.append(sel)
-    return _Tokenized(ids, select, reduce_mean=(rule == "response_mean"))
+    return _Tokenized(ids, select, reduce_mean=(rule == "response_mean"), response=response if logprobs else None)
 
 
 def _settings_fingerprint(settings: Mapping[str, Any]) -> str:
@@ -231,6 +248,7 @@ def capture_activations(
     dataset: Mapping[str, Any] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    logprobs: bool = False,
     _stop_after_shards: int | None = None,
 ) -> ActivationStore:
     """Run ``records`` through every model in ``models`` (e.g. ``{"base": ..., "tuned": ...}``) and
@@ -241,6 +259,9 @@ def capture_activations(
     shard is present. Under ``torch.distributed`` (:mod:`irm.distributed`) one call per rank does it
     all: rank 0 prepares the directory before the others look at it, and every rank returns once the
     manifest is complete. Without it, call it again on rank 0 once every rank is done.
+
+    ``logprobs=True`` (records with ``prompt_chars``) also stores each model's log-probability of each
+    record's response from the same forward pass (:meth:`ActivationStore.logprobs`).
     """
     t0 = time.perf_counter()
     if not models:
@@ -259,7 +280,13 @@ def capture_activations(
     for m in models.values():
         validate_hooks(m.bridge, hooks)  # before any forward pass
     tokenizer = first.tokenizer
-    tok = _tokenize(tokenizer, records, positions, max_length)
+    if logprobs:
+        for m in models.values():
+            if m.hf_model.get_output_embeddings() is None or getattr(m.hf_model.config, "final_logit_softcapping",
+                                                                      None):
+                raise NotImplementedError(f"{m.identity.spec}: logprobs=True needs a plain unembedding.")
+            validate_hooks(m.bridge, [_FINAL_NORM_HOOK])
+    tok = _tokenize(tokenizer, records, positions, max_length, logprobs=logprobs)
 
     out_dir = Path(out_dir)
     n = len(records)
@@ -276,6 +303,8 @@ def capture_activations(
         "dataset_hash": texts_hash([r.text for r in records]),
         "record_hash": texts_hash([json.dumps(asdict(r), sort_keys=True) for r in records]),
     }
+    if logprobs:  # only when set, so stores made before the option keep their fingerprint
+        settings["logprobs"] = True
     fingerprint = _settings_fingerprint(settings)
     manifest = {
         "format_version": STORE_FORMAT_VERSION,
@@ -312,7 +341,7 @@ def capture_activations(
         log.info("Resuming store %s: %d of %d shards already done", out_dir, len(done & set(mine)), len(mine))
     stop_layer = None
     layers_of = [_hook_layer(h) for h in hooks]
-    if all(li is not None for li in layers_of):
+    if all(li is not None for li in layers_of) and not logprobs:
         stop_layer = max(li for li in layers_of if li is not None) + 1
 
     bar = progress(total=sum(min(shard_size, n - i * shard_size) for i in todo),
@@ -323,7 +352,7 @@ def capture_activations(
             raise KeyboardInterrupt(f"stopped after {k} shards (test hook)")
         lo, hi = i * shard_size, min((i + 1) * shard_size, n)
         tensors = _capture_shard(models, tok, range(lo, hi), hooks, batch_size, stop_layer,
-                                 tokenizer.pad_token_id, _STORE_DTYPES[dtype], bar)
+                                 tokenizer.pad_token_id, _STORE_DTYPES[dtype], bar, logprobs=logprobs)
         for h in hooks:
             d_of[h] = int(tensors[activation_key(roles[0], h)].shape[-1])
         _commit_shard(shard_dir, i, tensors)
@@ -387,12 +416,15 @@ def _capture_shard(
     pad_id: int,
     store_dtype: torch.dtype,
     bar,
+    logprobs: bool = False,
 ) -> dict[str, Tensor]:
     # Sort the shard's texts by length so batches carry little padding; rows go back in dataset order.
     order = sorted(idx, key=lambda j: len(tok.ids[j]))
     per_text: dict[str, dict[int, Tensor]] = {activation_key(r, h): {} for r in models for h in hooks}
+    lp_text: dict[str, dict[int, float]] = {logprob_key(r): {} for r in models} if logprobs else {}
+    rec_hooks = list(hooks) + ([_FINAL_NORM_HOOK] if logprobs and _FINAL_NORM_HOOK not in hooks else [])
     with contextlib.ExitStack() as attached:
-        recorders = {role: attached.enter_context(_HookRecorder(m, hooks)) for role, m in models.items()}
+        recorders = {role: attached.enter_context(_HookRecorder(m, rec_hooks)) for role, m in models.items()}
         for b0 in range(0, len(order), batch_size):
             batch = order[b0 : b0 + batch_size]
             lens = [len(tok.ids[j]) for j in batch]
@@ -403,7 +435,15 @@ def _capture_shard(
                 ids[r, width - lens[r]:] = torch.tensor(tok.ids[j])
                 mask[r, width - lens[r]:] = 1
             for role, m in models.items():
-                acts = _forward_hooks(m, ids, mask, hooks, stop_layer, recorders[role])
+                acts = _forward_hooks(m, ids, mask, rec_hooks, stop_layer, recorders[role])
+                if logprobs:
+                    assert tok.response is not None
+                    offsets = [width - n_ for n_ in lens]
+                    lp = _response_logprobs(m, acts[_FINAL_NORM_HOOK], ids,
+                                            [tok.response[j] + o for j, o in zip(batch, offsets, strict=True)])
+                    lp_text[logprob_key(role)].update(zip(batch, lp, strict=True))
+                    if _FINAL_NORM_HOOK not in hooks:
+                        del acts[_FINAL_NORM_HOOK]
                 for h, x in acts.items():
                     store = per_text[activation_key(role, h)]
                     for r, j in enumerate(batch):
@@ -413,6 +453,8 @@ def _capture_shard(
     out: dict[str, Tensor] = {}
     for key, d in per_text.items():
         out[key] = torch.cat([d[j] for j in idx]).to(store_dtype).contiguous()
+    for key, lps in lp_text.items():
+        out[key] = torch.tensor([lps[j] for j in idx], dtype=torch.float64)
     text_idx, pos, token = [], [], []
     for j in idx:
         sel = tok.select[j]
@@ -424,6 +466,25 @@ def _capture_shard(
     out["index/pos"] = torch.from_numpy(np.concatenate(pos).astype(np.int64))
     out["index/token"] = torch.from_numpy(np.concatenate(token).astype(np.int64))
     return out
+
+
+_FINAL_NORM_HOOK = "ln_final.hook_out"  # what the unembedding reads
+
+
+def _response_logprobs(m: LoadedModel, final: Tensor, ids: Tensor, positions: list[np.ndarray]) -> list[float]:
+    """Per row, ``sum log p(ids[p] | ids[:p])`` over ``positions`` from the final-norm output ``final``;
+    the unembedding runs only at the positions that predict them."""
+    rows = torch.tensor(np.concatenate([np.full(len(p), r) for r, p in enumerate(positions)]), dtype=torch.long)
+    cols = torch.from_numpy(np.concatenate(positions).astype(np.int64))
+    unembed = m.hf_model.get_output_embeddings()
+    h = final[rows, cols - 1].to(device=unembed.weight.device, dtype=unembed.weight.dtype)
+    logits = unembed(h).float()
+    targets = ids[rows, cols].to(logits.device)
+    lp = (logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().cpu()
+    sums = torch.zeros(len(positions), dtype=torch.float64).index_add_(0, rows, lp)
+    if not torch.isfinite(sums).all():
+        raise FloatingPointError(f"Non-finite log-probabilities from {m.identity.spec!r}; check weights and dtype.")
+    return sums.tolist()
 
 
 class _HookRecorder:

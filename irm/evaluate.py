@@ -147,7 +147,7 @@ def generate(
     eos = _eos_ids(model, tokenizer)
     greedy = temperature == 0
     gen_cfg = GenerationConfig(
-        max_new_tokens=int(max_new_tokens),
+        max_new_tokens=int(max_new_tokens), use_cache=True,
         do_sample=not greedy,
         temperature=None if greedy else float(temperature),
         top_k=None if greedy else int(top_k),

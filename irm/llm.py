@@ -219,7 +219,7 @@ class LocalChatLLM:
         greedy = temperature == 0
         eos = tok.eos_token_id
         gen_cfg = GenerationConfig(
-            max_new_tokens=int(max_tokens), do_sample=not greedy,
+            max_new_tokens=int(max_tokens), do_sample=not greedy, use_cache=True,
             temperature=None if greedy else float(temperature), top_k=None if greedy else 0,
             top_p=None if greedy else 1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos,
         )

@@ -31,6 +31,25 @@ def setup_logging(level: str | int = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    quiet_third_party_progress()
+
+
+def quiet_third_party_progress() -> None:
+    """With ``IRM_PROGRESS=0`` also silence the bars of transformers ("Loading weights") and datasets."""
+    if os.environ.get("IRM_PROGRESS", "1") != "0":
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from datasets.utils import logging as ds_logging
+
+        ds_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
 
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool | None = None):

@@ -39,7 +39,7 @@ from irm.constants import (
     STORE_SHARD_FMT,
 )
 
-__all__ = ["ActivationStore", "StoreError", "activation_key", "file_sha256", "write_json_atomic"]
+__all__ = ["ActivationStore", "StoreError", "activation_key", "logprob_key", "file_sha256", "write_json_atomic"]
 
 INDEX_KEYS = ("index/text", "index/pos", "index/token")
 
@@ -50,6 +50,11 @@ class StoreError(RuntimeError):
 
 def activation_key(role: str, hook: str) -> str:
     return f"{role}/{hook}"
+
+
+def logprob_key(role: str) -> str:
+    """Key of the per-text response log-probabilities of a store captured with ``logprobs=True``."""
+    return f"logprob/{role}"
 
 
 def file_sha256(path: Path) -> str:
@@ -207,6 +212,23 @@ class ActivationStore:
         if not parts:
             raise StoreError(f"Store {self.path} has no completed shards.")
         return torch.cat(parts).to(dtype)
+
+    def logprobs(self, role: str) -> np.ndarray:
+        """``[n_texts]`` float64: the model's log-probability of each text's response (stores captured with
+        ``logprobs=True``), in dataset order."""
+        from safetensors import safe_open
+
+        if not self.manifest.get("logprobs"):
+            raise StoreError(f"Store {self.path} holds no log-probabilities; capture it with logprobs=True.")
+        if role not in self.roles:
+            raise StoreError(f"Role {role!r} is not in store {self.path}; it holds {self.roles}.")
+        parts = []
+        for info in self.completed_shards():
+            with safe_open(str(self.shard_path(info.index)), framework="np") as f:
+                parts.append(f.get_tensor(logprob_key(role)))
+        if not parts:
+            raise StoreError(f"Store {self.path} has no completed shards.")
+        return np.concatenate(parts)
 
     def index(self) -> dict[str, np.ndarray]:
         """The index arrays (``text``, ``pos``, ``token``) of all rows, in store order."""

@@ -517,6 +517,8 @@ def _train(config, hf_model, tokenizer, rm, train, eval_prompts, tracker, curves
         if config.lora:
             model = model.merge_and_unload()  # a plain checkpoint: every later stage loads it like any model
         model.eval()
+        # Training turns the KV cache off in the config; a saved model is for generating with, so turn it on.
+        model.config.use_cache = True
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
     return trainer, model, wall

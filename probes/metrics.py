@@ -292,10 +292,21 @@ def bootstrap_ci(
     n = len(yt)
     value = float(metric_fn(yt, yp))
     rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        boots[b] = metric_fn(yt[idx], yp[idx])
+    weighted = _WEIGHTED.get(metric_fn)  # type: ignore[call-overload]
+    if weighted is not None and n <= _WEIGHTED_MAX_N:
+        # The same resamples as the loop below (one draw of shape [n_boot, n] consumes the generator
+        # exactly as n_boot draws of n), evaluated all at once from per-item multiplicities.
+        idx = rng.integers(0, n, size=(n_boot, n))
+        counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n)
+        boots = weighted(yt, yp, counts.reshape(n_boot, n).astype(np.float64))
+    elif metric_fn is spearman:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        boots = _spearman_rows(yt[idx], yp[idx])
+    else:
+        boots = np.empty(n_boot)
+        for b in range(n_boot):
+            idx = rng.integers(0, n, size=n)
+            boots[b] = metric_fn(yt[idx], yp[idx])
     undefined = int(np.isnan(boots).sum())
     if undefined:
         warnings.warn(
@@ -308,6 +319,65 @@ def bootstrap_ci(
         return MetricResult(value, float("nan"), float("nan"), n)
     low, high = np.quantile(boots[~np.isnan(boots)], [alpha / 2, 1 - alpha / 2])
     return MetricResult(value, float(low), float(high), n)
+
+
+# ------------------------------------------------- bootstrap from multiplicities
+# A bootstrap resample is a multiset of the n items: item i taken w_i times. A pair metric of the
+# resample is then a quadratic form in w over the n x n pair matrix of the original items (a pair of
+# copies of one item is tied in both vectors and counts nowhere), so all resamples cost one matrix
+# product: ~100x faster than re-sorting every resample for n in the hundreds.
+_WEIGHTED_MAX_N = 3000  # the pair matrices are n x n float64
+
+
+def _pair_signs(yt: np.ndarray, yp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    st = np.sign(yt[:, None] - yt[None, :])
+    sp = np.sign(yp[:, None] - yp[None, :])
+    return st, sp
+
+
+def _quad(w: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return np.einsum("bi,bi->b", w @ m, w)
+
+
+def _kendall_weighted(yt: np.ndarray, yp: np.ndarray, w: np.ndarray) -> np.ndarray:
+    st, sp = _pair_signs(yt, yp)
+    num = _quad(w, st * sp)
+    den = np.sqrt(_quad(w, np.abs(st)) * _quad(w, np.abs(sp)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _pairwise_weighted(yt: np.ndarray, yp: np.ndarray, w: np.ndarray) -> np.ndarray:
+    st, sp = _pair_signs(yt, yp)
+    q = st * sp
+    c, d = _quad(w, (q > 0).astype(np.float64)), _quad(w, (q < 0).astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(c + d > 0, c / np.where(c + d > 0, c + d, 1.0), np.nan)
+
+
+def _sign_agreement_weighted(yt: np.ndarray, yp: np.ndarray, w: np.ndarray) -> np.ndarray:
+    keep = ((yt != 0) & (yp != 0)).astype(np.float64)
+    agree = keep * (np.sign(yt) == np.sign(yp))
+    k = w @ keep
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k > 0, (w @ agree) / np.where(k > 0, k, 1.0), np.nan)
+
+
+def _spearman_rows(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Spearman per row of ``[B, n]`` arrays (average ranks), as :func:`spearman` on each row."""
+    n = t.shape[1]
+    rt = rankdata(t, axis=1) - (n + 1) / 2
+    rp = rankdata(p, axis=1) - (n + 1) / 2
+    den = np.sqrt((rt * rt).sum(1) * (rp * rp).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rt * rp).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+_WEIGHTED: dict[Callable[..., float], Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
+    kendall_tau: _kendall_weighted,
+    pairwise_accuracy: _pairwise_weighted,
+    sign_agreement: _sign_agreement_weighted,
+}
 
 
 _RANK_METRICS: dict[str, Callable[..., float]] = {

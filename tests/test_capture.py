@@ -277,3 +277,38 @@ def test_peak_memory_does_not_grow_with_dataset_size(tmp_path):
 def test_peak_memory_flat_on_smollm2(tmp_path, smollm2):
     _memory_check(tmp_path, {"base": "smollm2-135m-instruct"}, n1=64,
                   recipe=dict(join=2, positions="all", batch=16, shard=16, max_length=48))
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_logprobs_from_the_capture_pass_equal_a_separate_scoring_pass(which, tiny_base, tiny_tuned, request,
+                                                                       tmp_path):
+    """capture_activations(logprobs=True) scores each record's response in the capture's own forward pass:
+    the numbers equal word_logprobs (a separate pass), and the activations equal a capture without it."""
+    from irm.implicit.words import TEMPLATES, word_logprobs, word_records
+
+    if which == "tiny":
+        models = {"base": tiny_base, "tuned": tiny_tuned}
+        words = ["good", "bad", "movie", "great"]
+    else:
+        sm = request.getfixturevalue("smollm2")
+        models = {"base": sm}
+        words = ["good", "abominable", "heartwarming", "ok"]  # multi-token words under BPE
+    recs = word_records(words)
+    hooks = ["blocks.1.hook_resid_post"]
+    store = capture_activations(models, recs, tmp_path / "lp", hooks=hooks, positions="target",
+                                batch_size=5, shard_size=7, logprobs=True)
+    plain = capture_activations(models, recs, tmp_path / "plain", hooks=hooks, positions="target", batch_size=5,
+                                shard_size=7)
+    assert store.manifest["logprobs"] is True and "logprobs" not in plain.manifest
+    for role, m in models.items():
+        want = word_logprobs(m, words, batch_size=3).reshape(-1)
+        got = store.logprobs(role)
+        assert got.shape == (len(words) * len(TEMPLATES),) and got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        assert (got < 0).all()
+        torch.testing.assert_close(store.load(role, hooks[0]), plain.load(role, hooks[0]), rtol=1e-5, atol=1e-4)
+    with pytest.raises(StoreError, match="logprobs=True"):
+        plain.logprobs("base")
+    with pytest.raises(ValueError, match="prompt_chars"):
+        capture_activations(models, records_from_texts(TEXTS), tmp_path / "x", hooks=hooks, positions="last",
+                            logprobs=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -460,6 +461,27 @@ def test_bootstrap_ci_contains_estimate_and_narrows_with_n():
     assert res.to_dict() == {"value": res.value, "low": res.low, "high": res.high, "n": 2000}
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.value = 0.0
+
+
+@pytest.mark.parametrize("metric", [kendall_tau, pairwise_accuracy, sign_agreement, spearman])
+@pytest.mark.parametrize("n", [4, 60, 301])
+def test_vectorised_bootstrap_equals_the_resampling_loop(metric, n):
+    """bootstrap_ci evaluates these metrics on all resamples at once; the loop over resamples (the
+    generic path, used for any other metric) must give bit-for-bit the same resamples and intervals."""
+    rng = np.random.default_rng(n)
+    y_true = np.round(rng.normal(size=n), 1)  # ties in both vectors
+    y_pred = np.round(y_true + rng.normal(size=n), 1)
+    y_pred[: n // 4] = 0.0
+
+    def loop(a, b):  # the same metric, hidden from the fast path
+        return metric(a, b)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # tiny n: some resamples are undefined
+        fast = bootstrap_ci(metric, y_true, y_pred, n_boot=400, seed=7)
+        slow = bootstrap_ci(loop, y_true, y_pred, n_boot=400, seed=7)
+    assert fast.value == slow.value
+    assert fast.low == pytest.approx(slow.low, abs=1e-12) and fast.high == pytest.approx(slow.high, abs=1e-12)
 
 
 def test_bootstrap_warns_about_undefined_resamples():

@@ -99,7 +99,10 @@ def word_records(words: Sequence[str], templates: Sequence[str] = TEMPLATES) -> 
         for t in templates:
             text = t.replace("{w}", w)
             start = t.index("{w}")
-            recs.append(CaptureRecord(text, target=(start, start + len(w))))
+            # The "response" is the word with its leading space, as in word_logprobs: with
+            # capture_activations(logprobs=True) the store's log-probabilities equal word_logprobs.
+            prefix = len(t[:start].rstrip())
+            recs.append(CaptureRecord(text, prompt_chars=prefix, target=(start, start + len(w))))
     return recs
 
 
