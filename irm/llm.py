@@ -45,6 +45,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from irm.log import get_logger
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "LocalChatLLM",
     "OpenAICompatibleLLM",
     "CachedLLM",
+    "choice_logprobs",
     "CacheStats",
     "complete_many",
     "ParsedReply",
@@ -144,6 +147,27 @@ def complete_many(
     if callable(fn):
         return list(fn(batch, max_tokens=max_tokens, temperature=temperature, seed=seed))
     return [client.complete(m, max_tokens=max_tokens, temperature=temperature, seed=seed) for m in batch]
+
+
+def choice_logprobs(client: Any, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:
+    """``[len(batch), len(choices)]``: log-probability of each choice's first token as the first token of
+    the assistant's reply to each conversation (one forward pass, no sampling).
+
+    Only clients that expose token probabilities have it (:class:`LocalChatLLM`, and :class:`CachedLLM`
+    around one); for others it raises :class:`LLMError` naming the alternative.
+    """
+    fn = getattr(client, "choice_logprobs", None)
+    if not callable(fn):
+        raise LLMError(f"{getattr(client, 'name', client)!r} does not expose token log-probabilities, which "
+                       "scored (calibrated) labels need; use the generated labels instead "
+                       "(e.g. [features] classify_mode = 'generate').")
+    if not choices or len(set(choices)) != len(choices):
+        raise ValueError(f"choices must be distinct and non-empty, got {list(choices)!r}")
+    out = np.asarray(fn([_check_messages(m) for m in batch], list(choices)), dtype=np.float64)
+    if out.shape != (len(batch), len(choices)):
+        raise LLMError(f"choice_logprobs of {client!r} returned shape {out.shape}, expected "
+                       f"{(len(batch), len(choices))}.")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +267,38 @@ class LocalChatLLM:
                     torch.manual_seed(seed + b)
                     seqs = hf.generate(**enc, generation_config=gen_cfg)
                 out.extend(s.strip() for s in tok.batch_decode(seqs[:, width:], skip_special_tokens=True))
+        finally:
+            tok.padding_side = side
+        return out
+
+    def choice_logprobs(self, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:
+        """Log-probability of each choice's first token as the reply's first token (see
+        :func:`choice_logprobs`); left-padded batches of ``batch_size``."""
+        import torch
+
+        tok = self.model.tokenizer
+        first = []
+        for c in choices:
+            ids = tok(c, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"choice {c!r} tokenizes to nothing")
+            first.append(ids[0])
+        if len(set(first)) != len(first):
+            raise ValueError(f"choices {list(choices)!r} share their first token; pick choices that differ "
+                             "in their first token (e.g. '1' and '0').")
+        texts = [self.render(_check_messages(m)) for m in batch]
+        hf, dev = self.model.hf_model, self.model.device
+        out = np.zeros((len(texts), len(first)))
+        side = tok.padding_side
+        tok.padding_side = "left"  # the last position of every row is then the prompt's end
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                enc = tok(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(dev)
+                with torch.no_grad():
+                    logits = hf(**enc).logits[:, -1].float()
+                lp = torch.log_softmax(logits, -1)[:, first]
+                out[start: start + len(lp)] = lp.cpu().numpy()
         finally:
             tok.padding_side = side
         return out
@@ -531,6 +587,32 @@ class CachedLLM:
             for i in todo:
                 out[i] = got[keys[i]]
         return [str(r) for r in out]
+
+    def choice_logprobs(self, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:
+        """:func:`choice_logprobs` of the wrapped client, cached like replies (a cached entry holds the
+        numbers as its reply)."""
+        batch = [_check_messages(m) for m in batch]
+        params = {"choices": list(choices), "kind": "choice_logprobs"}
+        keys = [hashlib.sha256(json.dumps({"v": 1, "client": self.cache_id, "messages": m, "params": params},
+                                          sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+                for m in batch]
+        out: list[list[float] | None] = []
+        for k in keys:
+            got = self._get(k)
+            try:
+                vals = json.loads(got) if got is not None else None
+                out.append(vals if isinstance(vals, list) and len(vals) == len(choices) else None)
+            except ValueError:
+                out.append(None)
+        todo = [i for i, v in enumerate(out) if v is None]
+        self.stats.hits += len(batch) - len(todo)
+        self.stats.misses += len(todo)
+        if todo:
+            fresh = choice_logprobs(self.client, [batch[i] for i in todo], choices)
+            for i, row in zip(todo, fresh, strict=True):
+                out[i] = [float(x) for x in row]
+                self._put(keys[i], batch[i], params, json.dumps(out[i]))
+        return np.asarray(out, dtype=np.float64)
 
     def __repr__(self) -> str:
         return f"CachedLLM({self.client!r}, hits={self.stats.hits}, misses={self.stats.misses})"

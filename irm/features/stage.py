@@ -130,6 +130,9 @@ class FeaturesConfig:
     classify_tokens: int = _h("Most new tokens of a classification reply.", 12)
     classify_few_shot: bool = _h("Show the LLM two worked classification examples first (small models need "
                                  "them to answer in the parsable form; they cost ~200 prompt tokens).", True)
+    classify_mode: str = _h("'calibrated': label = the LLM's log-odds of '1' over '0', minus those of a content-free "
+                            "feature, > 0 (contextual calibration; needs token probabilities: local LLMs); "
+                            "'generate': the label it writes; 'auto': calibrated where the LLM allows it.", "auto")
     relevance_top_k: int = _h("Ground truth: top-activating tokens whose words are looked up in the lexicon.", 20)
     relevance_threshold: float = _h("Ground truth: a feature is reward-relevant when at least this share of its "
                                     "top tokens carry lexicon utility.", 0.7)
@@ -150,6 +153,9 @@ class FeaturesConfig:
         if "{layer}" not in self.hook:
             raise ConfigError(f"[features] hook {self.hook!r} has no '{{layer}}' placeholder, "
                               "e.g. 'blocks.{layer}.hook_resid_post'.")
+        if self.classify_mode not in ("auto", "calibrated", "generate"):
+            raise ConfigError(f"[features] classify_mode must be 'auto', 'calibrated' or 'generate', got "
+                              f"{self.classify_mode!r}.")
         if self.irm_target not in IRM_TARGETS:
             raise ConfigError(f"[features] irm_target {self.irm_target!r} is not one of {IRM_TARGETS}.")
         for name in ("n_layers", "n_features", "n_snippets", "relevance_top_k", "n_perm", "batch_size",
@@ -445,12 +451,14 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     plog = ParseLog()
-    explain_and_classify(llm, feature_recs, cfg.reward_description, plog=plog, explain_tokens=cfg.llm.max_tokens,
-                         classify_tokens=cfg.classify_tokens, temperature=cfg.llm.temperature, seed=cfg.llm.seed,
-                         few_shot=cfg.classify_few_shot)
+    classify = explain_and_classify(llm, feature_recs, cfg.reward_description, plog=plog,
+                                    explain_tokens=cfg.llm.max_tokens, classify_tokens=cfg.classify_tokens,
+                                    temperature=cfg.llm.temperature, seed=cfg.llm.seed,
+                                    few_shot=cfg.classify_few_shot, mode=cfg.classify_mode)
     timings["autointerp"] = time.perf_counter() - t
     section["autointerp"] = {
         "llm": llm.name, "n_features": len(feature_recs), "reward_description": cfg.reward_description,
+        "classify": classify, "n_flagged_generated": sum(r.label_generated == 1 for r in feature_recs),
         "n_labelled": sum(r.label is not None for r in feature_recs),
         "n_flagged": sum(r.label == 1 for r in feature_recs), "parse": plog.to_dict(),
         "cache": llm.stats.to_dict() if hasattr(llm, "stats") and hasattr(llm.stats, "to_dict") else None,
@@ -469,6 +477,9 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
                                                [r.relevant for r in feature_recs if r.role == role])
                         for role in roles},
         }
+        if classify["mode"] == "calibrated":  # how the written labels would have done, for comparison
+            section["ground_truth"]["generated_labels"] = precision_recall(
+                [r.label_generated for r in feature_recs], [r.relevant for r in feature_recs])
 
     # Checks -----------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -546,9 +557,10 @@ def _track(ctx: RunContext, section: dict[str, Any], recs: list[FeatureRecord]) 
     ctx.tracker.log_table(
         "features/autointerp",
         ["role", "hook", "feature", "selection", "irm_weight", "firing_rate", "relevance", "relevant", "explanation",
-         "label", "attribute", "top_snippets", "errors"],
+         "label", "label_score", "label_generated", "attribute", "top_snippets", "errors"],
         [[r.role, r.hook, r.feature, r.selection, r.irm_weight, r.firing_rate, r.relevance, r.relevant, r.explanation,
-          r.label, r.attribute, "\n".join(r.snippets), "; ".join(r.errors)] for r in recs])
+          r.label, r.label_score, r.label_generated, r.attribute, "\n".join(r.snippets), "; ".join(r.errors)]
+         for r in recs])
     rows = [[hook, r, m["architecture"], m["d_sae"], m["explained_variance"], m["l0"], m["dead_share"], m["seconds"]]
             for hook, by_role in section["saes"].items() for r, m in by_role.items()]
     ctx.tracker.log_table("features/saes", ["hook", "role", "architecture", "d_sae", "explained_variance", "l0",
@@ -636,7 +648,13 @@ def _register_renderer() -> None:
         ai = sec.get("autointerp", {})
         out.append(f"\nAutointerp with `{ai.get('llm')}`: {ai.get('n_features')} features, {ai.get('n_labelled')} "
                    f"labelled ({ai.get('parse', {}).get('n_failed')} replies did not parse), "
-                   f"{ai.get('n_flagged')} flagged as related to {ai.get('reward_description')!r}.\n")
+                   f"{ai.get('n_flagged')} flagged as related to {ai.get('reward_description')!r}")
+        cl = ai.get("classify") or {}
+        if cl.get("mode") == "calibrated":
+            out.append(f" by calibrated scores (log-odds of '1' over '0' minus the content-free log-odds "
+                       f"{fmt(cl.get('content_free_log_odds'))}); the labels the LLM wrote flagged "
+                       f"{ai.get('n_flagged_generated')}")
+        out.append(".\n")
         gt = sec.get("ground_truth")
         if gt:
             o = gt["overall"]
@@ -645,7 +663,9 @@ def _register_renderer() -> None:
             out.append(md_table(["", "precision [95% CI]", "recall [95% CI]", "accuracy", "tp/fp/fn/tn", "unknown"],
                                 [[k, ci(v["precision"]), ci(v["recall"]), ci(v["accuracy"]),
                                   f"{v['tp']}/{v['fp']}/{v['fn']}/{v['tn']}", v["n_unknown"]]
-                                 for k, v in [("all", o), *gt["by_role"].items()]]))
+                                 for k, v in [("all", o), *gt["by_role"].items(),
+                                              *([("written labels", gt["generated_labels"])]
+                                                if "generated_labels" in gt else [])]]))
         al = [[h, r, v["weight"].get("n_flagged"), v["weight"].get("n"), v["weight"].get("share"),
                v["weight"].get("baseline_mean"), v["weight"].get("p_value"), v["attribution"].get("share"),
                v["attribution"].get("p_value")] for h, d in sec.get("alignment", {}).items() for r, v in d.items()]
