@@ -40,6 +40,7 @@ from irm.features import (
 )
 from irm.features.sae import eval_text_mask
 from irm.llm import LLM_CLIENTS, ParseLog, register_llm
+from irm.rewards.lexicon import TokenUtilityRM
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -239,6 +240,20 @@ def test_snippets_mark_active_tokens_and_words_map_back(tiny_base):
     wrong = {"token": np.concatenate(table.token_ids)[::-1].copy()}
     with pytest.raises(ValueError, match="other texts or with another tokenizer"):
         table.check(wrong)
+
+
+def test_words_map_back_under_bpe_tokens_that_carry_their_space(smollm2):
+    """SmolLM2's tokens carry the space before a word (" love"): the word is 'love', never 'of love'.
+    (A word-level tokenizer cannot show this; the lexicon ground truth read every such word as unknown.)"""
+    texts = ["a story of love, and devastation", "I love it"]
+    table = TokenTable.from_texts(smollm2.tokenizer, texts, max_length=32)
+    words = [[table.word_at(t, p) for p in range(len(table.token_ids[t]))] for t in range(len(texts))]
+    assert words[0][words[0].index("love,")] == "love,"  # punctuation stays; word_utility strips it
+    assert "of love," not in words[0] and "of" in words[0] and "a" in words[0]
+    assert {w for w in words[0] if w.startswith("devast")} == {"devastation"}  # sub-word pieces -> whole word
+    assert words[1][-2:] == ["love", "it"] and all(" " not in w for ws in words for w in ws)
+    vader = TokenUtilityRM.from_vader()
+    assert lexicon_relevance(words[1], vader.word_utility) == pytest.approx(1 / 3)
 
 
 def test_lexicon_relevance_and_precision_recall_known_numbers():

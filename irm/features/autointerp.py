@@ -104,6 +104,12 @@ class TokenTable:
         if e <= s:
             return ""
         t = self.texts[text]
+        # A BPE token's span may start with the space before its word (" love"): skip it, or the
+        # walk back below would run into the previous word.
+        while s < e and t[s].isspace():
+            s += 1
+        if s == e:
+            return ""
         while s > 0 and not t[s - 1].isspace():
             s -= 1
         while e < len(t) and not t[e].isspace():
