@@ -464,9 +464,14 @@ def evaluate_pair(
     log.info(
         "Held-out reward: base %.3f +- %.3f, tuned %.3f +- %.3f, effect %s base std; KL/token %.4f; rep-%d %s -> %s",
         reward[BASE]["mean"], reward[BASE]["std"], reward[TUNED]["mean"], reward[TUNED]["std"],
-        "n/a" if eff is None else f"{eff:.2f}", kl["mean"] or 0.0, REP_N, repetition[BASE], repetition[TUNED],
+        "n/a" if eff is None else f"{eff:.2f}", kl["mean"] or 0.0, REP_N, _num(repetition[BASE]),
+        _num(repetition[TUNED]),
     )
     return result
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
 def evaluation_metrics(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:

@@ -296,7 +296,10 @@ class LocalChatLLM:
                 enc = tok(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(dev)
                 with torch.no_grad():
-                    logits = hf(**enc).logits[:, -1].float()
+                    try:  # only the last position's logits: the unembedding of every position is waste
+                        logits = hf(**enc, logits_to_keep=1).logits[:, -1].float()
+                    except TypeError:  # models without logits_to_keep
+                        logits = hf(**enc).logits[:, -1].float()
                 lp = torch.log_softmax(logits, -1)[:, first]
                 out[start: start + len(lp)] = lp.cpu().numpy()
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from irm.config import ConfigError, register_section
 from irm.constants import ROLES
@@ -70,9 +71,22 @@ def _stage_tune(ctx: RunContext) -> None:
                   force=ctx.force, tracker=ctx.tracker, device=ctx.cfg.models.device)
     ctx.state["tuned_checkpoint"] = str(result.checkpoint)
     ctx.state["tune_beta"] = cfg.beta
+    _link_tuned(ctx.run_path / "tuned", Path(result.checkpoint))
     ctx.run.update_results("tune", result.to_dict())
     log.info("Tuned model %s (%s, %.0f s of training)", result.checkpoint,
              "reused from cache" if result.reused else "trained", result.wall_time_s)
+
+
+def _link_tuned(link: Path, checkpoint: Path) -> None:
+    """``RUN_DIR/tuned``: a symlink to the cached checkpoint, so ``load_model("runs/NAME/tuned")`` works
+    (where symlinks are not allowed, ``tuned.txt`` holds the path instead)."""
+    try:
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(checkpoint.resolve(), target_is_directory=True)
+    except OSError:
+        link.with_suffix(".txt").write_text(str(checkpoint.resolve()) + "\n")
 
 
 @stage("evaluate", order=40)

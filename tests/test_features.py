@@ -508,6 +508,10 @@ def test_features_stage_end_to_end_on_a_tiny_pair(tmp_path, tiny_base, tiny_tune
         assert al["n"] == sum(f["role"] == role and f["label"] is not None for f in feats)
         assert al.get("p_value") is None or 0 < al["p_value"] <= 1
         assert "by_score" in sec["activation_rate"][hook][role] or "note" in sec["activation_rate"][hook][role]
+        recs = [f for f in feats if f["role"] == role and f["label"] is not None]
+        if recs and all(f["relevant"] is not None for f in recs):  # the test against the lexicon ground truth
+            g = sec["alignment_ground_truth"][hook][role]["weight"]
+            assert g["n"] == len(recs) and g["n_flagged"] == sum(bool(f["relevant"]) for f in recs)
     assert sec["seconds"] > 0 and set(sec["timings"]) >= {"capture", "autointerp", "checks"}
     assert (ctx.run_path / "plots" / "features_mmcs.png").is_file()
     report = write_report(ctx.run_path).read_text()

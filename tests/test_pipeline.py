@@ -37,6 +37,9 @@ def test_tiny_pipeline_writes_every_section(tiny_run):
     assert not [k for k in res if k.startswith("error_")]
     assert res["tune"]["evaluation"] is not None or res["evaluation"]["reward"]
     assert res["pair"]["tuned"]["kind"] == "local"
+    # RUN_DIR/tuned points at the cached tuned checkpoint, so load_model("runs/NAME/tuned") works.
+    assert (tiny_run / "tuned" / "config.json").is_file()
+    assert (tiny_run / "tuned").resolve() == Path(res["pair"]["tuned"]["checkpoint"]).resolve()
     # The tuned tiny model raised the explicit reward on held-out prompts.
     assert res["evaluation"]["reward"]["tuned"]["mean"] > res["evaluation"]["reward"]["base"]["mean"]
     irm = res["irm"]

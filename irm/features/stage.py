@@ -512,6 +512,17 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
                 al_attr = alignment_test(attr, flagged, n_perm=cfg.n_perm, seed=seed)
                 al_attr.pop("_null", None)
                 section["alignment"].setdefault(hook, {})[r] = {"weight": al, "attribution": al_attr}
+                # The same test with the lexicon ground truth in place of the LLM's labels: does the IRM
+                # direction load on features that really are about reward words, whatever the LLM said?
+                truth = [x.relevant for x in recs]
+                if all(t is not None for t in truth):
+                    gt_al = alignment_test(np.abs([x.irm_weight for x in recs]), np.array(truth, bool),
+                                           n_perm=cfg.n_perm, seed=seed)
+                    gt_al.pop("_null", None)
+                    gt_attr = alignment_test(attr, np.array(truth, bool), n_perm=cfg.n_perm, seed=seed)
+                    gt_attr.pop("_null", None)
+                    section.setdefault("alignment_ground_truth", {}).setdefault(hook, {})[r] = {
+                        "weight": gt_al, "attribution": gt_attr}
             if scores is not None:
                 active = (ph["acts"][r][:, torch.as_tensor(ids)] > 0)[torch.from_numpy(eligible)]
                 section["activation_rate"].setdefault(hook, {})[r] = activation_rate_check(
@@ -675,6 +686,15 @@ def _register_renderer() -> None:
             out.append(md_table(["hook", "SAE", "flagged", "of", "weight share", "random mean", "p", "attribution share",
                                  "p (attr.)"], al))
             out.append(_img(run, "features_alignment.png", "alignment"))
+        gal = [[h, r, v["weight"].get("n_flagged"), v["weight"].get("n"), v["weight"].get("share"),
+                v["weight"].get("baseline_mean"), v["weight"].get("p_value"), v["attribution"].get("share"),
+                v["attribution"].get("p_value")]
+               for h, d in sec.get("alignment_ground_truth", {}).items() for r, v in d.items()]
+        if gal:
+            out.append("\nThe same test with the lexicon ground truth instead of the LLM's labels (share of the IRM "
+                       "direction on features that are *relevant*, vs random subsets of the same size):\n\n")
+            out.append(md_table(["hook", "SAE", "relevant", "of", "weight share", "random mean", "p",
+                                 "attribution share", "p (attr.)"], gal))
         ar = []
         for h, d in sec.get("activation_rate", {}).items():
             for r, v in d.items():
