@@ -109,8 +109,9 @@ def _irm(sec: dict[str, Any], run: Path) -> str:
     seq = sec.get("sequence")
     if seq:
         out.append(f"\nSequence level ({seq['n_prompts']} held-out prompts, base vs tuned responses):\n\n")
-        out.append(md_table(["IRM", "pairwise agreement", "Kendall tau [CI]", "Spearman [CI]"],
-                            [[k, v.get("pairwise_agreement"), ci(v.get("kendall_tau")), ci(v.get("spearman"))]
+        out.append(md_table(["IRM", "pairwise agreement", "pairs", "IRM ties", "Kendall tau [CI]", "Spearman [CI]"],
+                            [[k, v.get("pairwise_agreement"), v.get("n_pairs"), v.get("n_irm_ties"),
+                              ci(v.get("kendall_tau")), ci(v.get("spearman"))]
                              for k, v in seq.items() if isinstance(v, dict)]))
     return "".join(out)
 

@@ -127,6 +127,11 @@ def test_sequence_agreement_counts_pairwise_preferences():
     res = sequence_agreement(rm, {"same": rm, "flipped": flipped}, samples)
     assert res["same"]["pairwise_agreement"] == 1.0 and res["flipped"]["pairwise_agreement"] == 0.0
     assert res["same"]["n_pairs"] == 2
+    # An IRM that cannot tell the responses apart ties: not counted as disagreement, reported apart.
+    blind = TokenUtilityRM({"zzz": 1.0})
+    res = sequence_agreement(rm, {"blind": blind}, samples)["blind"]
+    assert res["pairwise_agreement"] is None and res["n_pairs"] == 0 and res["n_irm_ties"] == 2
+    assert res["pairwise_agreement_ties_half"] == 0.5
 
 
 def test_response_logprobs_equal_a_plain_full_forward(tiny_base):

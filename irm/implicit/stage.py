@@ -111,10 +111,19 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
     for name, rm in irms.items():
         i_b, i_t = rm.score(prompts, resp_b), rm.score(prompts, resp_t)
         e_all, i_all = np.concatenate([e_b, e_t]), np.concatenate([i_b, i_t])
-        keep = np.sign(e_t - e_b) != 0
-        agree = (np.sign(e_t - e_b) == np.sign(i_t - i_b))[keep]
-        res: dict[str, Any] = {"pairwise_agreement": float(agree.mean()) if keep.any() else None,
-                               "n_pairs": int(keep.sum())}
+        # Pairs the explicit RM decides; an IRM tie (e.g. a lexicon IRM that knows none of the words) is
+        # neither agreement nor disagreement: counted apart, and as half in the ties-included rate.
+        se, si = np.sign(e_t - e_b), np.sign(i_t - i_b)
+        keep = se != 0
+        decided = keep & (si != 0)
+        n_agree = int((se == si)[decided].sum())
+        res: dict[str, Any] = {
+            "pairwise_agreement": n_agree / int(decided.sum()) if decided.any() else None,
+            "n_pairs": int(decided.sum()),
+            "n_irm_ties": int((keep & (si == 0)).sum()),
+            "pairwise_agreement_ties_half": ((n_agree + 0.5 * int((keep & (si == 0)).sum())) / int(keep.sum())
+                                             if keep.any() else None),
+        }
         if np.ptp(i_all) > 0 and np.ptp(e_all) > 0:
             res["kendall_tau"] = bootstrap_ci(kendall_tau, e_all, i_all, n_boot=500).to_dict()
             res["spearman"] = bootstrap_ci(spearman, e_all, i_all, n_boot=500).to_dict()
