@@ -43,6 +43,21 @@ class RunContext:
     def run_path(self) -> Path:
         return self.run.path
 
+    def load_models(self) -> None:
+        """Load the base model, and the pair once a tuned model is known (named in the config or made by
+        the tune stage); what is already loaded is kept. Stages that run alone call this."""
+        from irm.models import ModelPair, load_model
+
+        cfg = self.cfg
+        kw = dict(device=cfg.models.device, dtype=cfg.models.dtype, revision=cfg.models.revision)
+        if self.base is None:
+            self.base = load_model(cfg.models.base, **kw)
+        if self.pair is None:
+            tuned_spec = cfg.models.tuned or self.state.get("tuned_checkpoint")
+            if tuned_spec:
+                self.pair = ModelPair(self.base, load_model(tuned_spec, **kw))
+                self.run.update_results("pair", self.pair.identities())
+
 
 StageFn = Callable[[RunContext], None]
 # name -> (order, fn). Orders in use: reward 10, tune 20, pair 30, evaluate 40, divergence 50,
@@ -92,17 +107,7 @@ def open_context(cfg: ExperimentConfig, *, force: bool = False, job_type: str = 
 
 
 def _load_models(ctx: RunContext) -> None:
-    from irm.models import ModelPair, load_model
-
-    cfg = ctx.cfg
-    kw = dict(device=cfg.models.device, dtype=cfg.models.dtype, revision=cfg.models.revision)
-    if ctx.base is None:
-        ctx.base = load_model(cfg.models.base, **kw)
-    if ctx.pair is None:
-        tuned_spec = cfg.models.tuned or ctx.state.get("tuned_checkpoint")
-        if tuned_spec:
-            ctx.pair = ModelPair(ctx.base, load_model(tuned_spec, **kw))
-            ctx.run.update_results("pair", ctx.pair.identities())
+    ctx.load_models()
 
 
 # ----------------------------------------------------------------------------------------------

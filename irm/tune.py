@@ -105,7 +105,7 @@ class TuneConfig:
     top_k: int = _f(0, "Top-k sampling during tuning; 0 disables it (pure sampling).")
     top_p: float = _f(1.0, "Nucleus sampling during tuning; 1.0 disables it.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    lora: bool = _f(False, "Train a LoRA adapter instead of all weights (needs `pip install peft`); "
+    lora: bool = _f(False, "Train a LoRA adapter instead of all weights (needs peft: `pip install 'irm[lora]'`); "
                            "the adapter is merged into a plain checkpoint when saved.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int | None = _f(None, "LoRA alpha; None: 2 x lora_r.")
@@ -529,8 +529,8 @@ def _lora_config(config: TuneConfig):
         from peft import LoraConfig
     except ImportError as e:
         raise ImportError(
-            "TuneConfig.lora=True needs the package 'peft', which is not installed: pip install peft "
-            "(or set lora = false for full fine-tuning, the default)."
+            "TuneConfig.lora=True needs the package 'peft', which is not installed: pip install 'irm[lora]' "
+            "(or pip install peft), or set lora = false for full fine-tuning, the default."
         ) from e
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=0.0,
                       target_modules="all-linear", task_type="CAUSAL_LM")

@@ -292,9 +292,7 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     skipped: list[dict[str, str]] = []
     if ctx.base is None:
-        from irm.pipeline import _load_models
-
-        _load_models(ctx)
+        ctx.load_models()
     base = ctx.base if ctx.pair is None else ctx.pair.base
     models = {"base": base} if ctx.pair is None else {"base": ctx.pair.base, "tuned": ctx.pair.tuned}
     roles = list(models)
