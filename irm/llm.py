@@ -535,11 +535,12 @@ class CachedLLM:
         self.stats = CacheStats()
 
     def key(self, messages: list[Message], *, max_tokens: int, temperature: float, seed: int) -> str:
-        blob = json.dumps(
-            {"v": 1, "client": self.cache_id, "messages": messages,
-             "params": {"max_tokens": int(max_tokens), "temperature": float(temperature), "seed": int(seed)}},
-            sort_keys=True, ensure_ascii=False,
-        )
+        return self._key(messages, {"max_tokens": int(max_tokens), "temperature": float(temperature),
+                                    "seed": int(seed)})
+
+    def _key(self, messages: list[Message], params: dict[str, Any]) -> str:
+        blob = json.dumps({"v": 1, "client": self.cache_id, "messages": messages, "params": params},
+                          sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -596,9 +597,7 @@ class CachedLLM:
         numbers as its reply)."""
         batch = [_check_messages(m) for m in batch]
         params = {"choices": list(choices), "kind": "choice_logprobs"}
-        keys = [hashlib.sha256(json.dumps({"v": 1, "client": self.cache_id, "messages": m, "params": params},
-                                          sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-                for m in batch]
+        keys = [self._key(m, params) for m in batch]
         out: list[list[float] | None] = []
         for k in keys:
             got = self._get(k)
