@@ -157,6 +157,7 @@ class _Tokenized:
     select: list[np.ndarray]  # per text: token positions whose rows are kept (or weighted)
     reduce_mean: bool
     response: list[np.ndarray] | None = None  # per text: positions of response tokens (logprobs)
+    n_prompt: list[int] | None = None  # per text: leading tokens that lie wholly in the prompt (or None)
 
 
 def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length: int,
@@ -171,6 +172,7 @@ def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length
     ids: list[list[int]] = []
     select: list[np.ndarray] = []
     response: list[np.ndarray] = []
+    n_prompt: list[int] = []
     for i, (rec, tok_ids, offs) in enumerate(zip(records, enc["input_ids"], enc["offset_mapping"], strict=True)):
         if not tok_ids:
             raise ValueError(f"Record {i} tokenizes to no tokens: {rec.text!r}. Remove empty texts.")
@@ -212,7 +214,13 @@ def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length
             response.append(resp)
         ids.append(list(tok_ids))
         select.append(sel)
-    return _Tokenized(ids, select, reduce_mean=(rule == "response_mean"), response=response if logprobs else None)
+        if rec.prompt_chars is None:
+            n_prompt.append(0)
+        else:  # offsets only grow: the prompt's tokens are those before the first one that reaches past it
+            past = np.nonzero(offs[:, 1] > rec.prompt_chars)[0]
+            n_prompt.append(int(past[0]) if len(past) else n)
+    return _Tokenized(ids, select, reduce_mean=(rule == "response_mean"), response=response if logprobs else None,
+                      n_prompt=n_prompt)
 
 
 def _settings_fingerprint(settings: Mapping[str, Any]) -> str:
@@ -249,6 +257,7 @@ def capture_activations(
     rank: int = 0,
     world_size: int = 1,
     logprobs: bool = False,
+    share_prefix: bool = False,
     _stop_after_shards: int | None = None,
 ) -> ActivationStore:
     """Run ``records`` through every model in ``models`` (e.g. ``{"base": ..., "tuned": ...}``) and
@@ -262,6 +271,12 @@ def capture_activations(
 
     ``logprobs=True`` (records with ``prompt_chars``) also stores each model's log-probability of each
     record's response from the same forward pass (:meth:`ActivationStore.logprobs`).
+
+    ``share_prefix=True`` computes a prompt shared by several records of a shard once and runs only the
+    rest of each record on top of its key/value cache (records with ``prompt_chars``, e.g. one sentence
+    template filled with many words). The activations equal those of full passes to float precision;
+    each shard checks one record against a full pass and falls back to full passes (with a warning)
+    if a model does not reproduce it.
     """
     t0 = time.perf_counter()
     if not models:
@@ -305,6 +320,8 @@ def capture_activations(
     }
     if logprobs:  # only when set, so stores made before the option keep their fingerprint
         settings["logprobs"] = True
+    if share_prefix:  # equal to float precision, not bit for bit: a store is not resumed across the switch
+        settings["share_prefix"] = True
     fingerprint = _settings_fingerprint(settings)
     manifest = {
         "format_version": STORE_FORMAT_VERSION,
@@ -352,7 +369,8 @@ def capture_activations(
             raise KeyboardInterrupt(f"stopped after {k} shards (test hook)")
         lo, hi = i * shard_size, min((i + 1) * shard_size, n)
         tensors = _capture_shard(models, tok, range(lo, hi), hooks, batch_size, stop_layer,
-                                 tokenizer.pad_token_id, _STORE_DTYPES[dtype], bar, logprobs=logprobs)
+                                 tokenizer.pad_token_id, _STORE_DTYPES[dtype], bar, logprobs=logprobs,
+                                 share_prefix=share_prefix)
         for h in hooks:
             d_of[h] = int(tensors[activation_key(roles[0], h)].shape[-1])
         _commit_shard(shard_dir, i, tensors)
@@ -417,14 +435,35 @@ def _capture_shard(
     store_dtype: torch.dtype,
     bar,
     logprobs: bool = False,
+    share_prefix: bool = False,
 ) -> dict[str, Tensor]:
-    # Sort the shard's texts by length so batches carry little padding; rows go back in dataset order.
-    order = sorted(idx, key=lambda j: len(tok.ids[j]))
     per_text: dict[str, dict[int, Tensor]] = {activation_key(r, h): {} for r in models for h in hooks}
     lp_text: dict[str, dict[int, float]] = {logprob_key(r): {} for r in models} if logprobs else {}
     rec_hooks = list(hooks) + ([_FINAL_NORM_HOOK] if logprobs and _FINAL_NORM_HOOK not in hooks else [])
+
+    def keep(role: str, m: LoadedModel, batch: list[int], acts: dict[str, Tensor], ids: Tensor,
+             offsets: list[int]) -> None:
+        """Store one batch's rows; row ``r`` holds text ``batch[r]`` from column ``offsets[r]`` on."""
+        if logprobs:
+            assert tok.response is not None
+            lp = _response_logprobs(m, acts[_FINAL_NORM_HOOK], ids,
+                                    [tok.response[j] + o for j, o in zip(batch, offsets, strict=True)])
+            lp_text[logprob_key(role)].update(zip(batch, lp, strict=True))
+        for h in hooks:
+            x = acts[h]
+            store = per_text[activation_key(role, h)]
+            for r, j in enumerate(batch):
+                rows = x[r, offsets[r] + tok.select[j]]  # [k, d] at the text's own positions
+                store[j] = rows.mean(0, keepdim=True) if tok.reduce_mean else rows
+
+    groups, rest = _prefix_groups(tok, idx) if share_prefix else ([], list(idx))
     with contextlib.ExitStack() as attached:
         recorders = {role: attached.enter_context(_HookRecorder(m, rec_hooks)) for role, m in models.items()}
+        if groups and not all(_prefix_cache_ok(m, tok, groups[0], rec_hooks, stop_layer, recorders[role])
+                               for role, m in models.items()):
+            rest, groups = sorted(j for _, g in groups for j in g) + rest, []
+        # Sort the texts by length so batches carry little padding; rows go back in dataset order.
+        order = sorted(rest, key=lambda j: len(tok.ids[j]))
         for b0 in range(0, len(order), batch_size):
             batch = order[b0 : b0 + batch_size]
             lens = [len(tok.ids[j]) for j in batch]
@@ -436,20 +475,25 @@ def _capture_shard(
                 mask[r, width - lens[r]:] = 1
             for role, m in models.items():
                 acts = _forward_hooks(m, ids, mask, rec_hooks, stop_layer, recorders[role])
-                if logprobs:
-                    assert tok.response is not None
-                    offsets = [width - n_ for n_ in lens]
-                    lp = _response_logprobs(m, acts[_FINAL_NORM_HOOK], ids,
-                                            [tok.response[j] + o for j, o in zip(batch, offsets, strict=True)])
-                    lp_text[logprob_key(role)].update(zip(batch, lp, strict=True))
-                    if _FINAL_NORM_HOOK not in hooks:
-                        del acts[_FINAL_NORM_HOOK]
-                for h, x in acts.items():
-                    store = per_text[activation_key(role, h)]
-                    for r, j in enumerate(batch):
-                        rows = x[r, (width - lens[r]) + tok.select[j]]  # [k, d] at the text's own positions
-                        store[j] = rows.mean(0, keepdim=True) if tok.reduce_mean else rows
+                keep(role, m, batch, acts, ids, [width - n_ for n_ in lens])
             bar.update(len(batch))
+        for c, members in groups:
+            prefix = torch.tensor([tok.ids[members[0]][:c]])
+            caches, pre = {}, {}
+            for role, m in models.items():
+                caches[role] = _new_cache(m)
+                pre[role] = _forward_hooks(m, prefix, torch.ones_like(prefix), rec_hooks, stop_layer,
+                                           recorders[role], past=caches[role])
+            members = sorted(members, key=lambda j: len(tok.ids[j]))
+            for b0 in range(0, len(members), batch_size):
+                batch = members[b0 : b0 + batch_size]
+                ids, mask = _right_padded([tok.ids[j] for j in batch], pad_id)  # [B, c + L]: prefix, rest, pads
+                for role, m in models.items():
+                    acts = _forward_hooks(m, ids[:, c:], mask, rec_hooks, stop_layer, recorders[role],
+                                          past=_expand_cache(caches[role], len(batch)))
+                    acts = {h: torch.cat([pre[role][h].expand(len(batch), -1, -1), x], 1) for h, x in acts.items()}
+                    keep(role, m, batch, acts, ids, [0] * len(batch))
+                bar.update(len(batch))
     out: dict[str, Tensor] = {}
     for key, d in per_text.items():
         out[key] = torch.cat([d[j] for j in idx]).to(store_dtype).contiguous()
@@ -466,6 +510,85 @@ def _capture_shard(
     out["index/pos"] = torch.from_numpy(np.concatenate(pos).astype(np.int64))
     out["index/token"] = torch.from_numpy(np.concatenate(token).astype(np.int64))
     return out
+
+
+# A shared prefix is worth its own forward pass when it saves at least this many token positions.
+_MIN_PREFIX_SAVING = 16
+
+
+def _prefix_groups(tok: _Tokenized, idx: range) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Texts of ``idx`` grouped by the tokens of their prompt: ``([(prefix_len, texts)], other texts)``.
+
+    A group shares its first ``prefix_len`` token ids exactly (texts whose prompt tokenises differently
+    fall in another group), and every text keeps at least one token after the prefix.
+    """
+    assert tok.n_prompt is not None
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for j in idx:
+        c = min(tok.n_prompt[j], len(tok.ids[j]) - 1)
+        by_key.setdefault(tuple(tok.ids[j][:c]), []).append(j)
+    groups, rest = [], []
+    for key, members in sorted(by_key.items()):
+        if len(key) > 0 and len(members) > 1 and len(key) * (len(members) - 1) >= _MIN_PREFIX_SAVING:
+            groups.append((len(key), members))
+        else:
+            rest += members
+    return groups, rest
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
+def _new_cache(m: LoadedModel):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=m.hf_model.config)
+
+
+def _expand_cache(cache, n: int):
+    """A copy of a one-row key/value cache for ``n`` rows (a forward pass appends to the cache it gets)."""
+    import copy
+
+    out = copy.deepcopy(cache)
+    if n > 1:
+        out.batch_repeat_interleave(n)
+    return out
+
+
+def _prefix_cache_ok(m: LoadedModel, tok: _Tokenized, group: tuple[int, list[int]], hooks: Sequence[str],
+                     stop_layer: int | None, recorder: _HookRecorder) -> bool:
+    """Whether ``m`` gives one text the same activations through a cached prefix as in a full pass.
+
+    A model whose forward ignores or mishandles ``past_key_values`` would otherwise give wrong
+    activations silently; this costs two short forward passes per shard.
+    """
+    c, members = group
+    ids = torch.tensor([tok.ids[members[0]]])
+    full = _forward_hooks(m, ids, torch.ones_like(ids), hooks, stop_layer, recorder)
+    try:
+        cache = _new_cache(m)
+        pre = _forward_hooks(m, ids[:, :c], torch.ones_like(ids[:, :c]), hooks, stop_layer, recorder, past=cache)
+        suf = _forward_hooks(m, ids[:, c:], torch.ones_like(ids), hooks, stop_layer, recorder, past=cache)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not share prefixes with this model
+        log.warning("%s: a cached prefix fails (%s: %s); capturing with full forward passes.",
+                    m.identity.spec, type(e).__name__, e)
+        return False
+    tol = 1e-3 if m.hf_model.dtype == torch.float32 else 3e-2
+    for h in hooks:
+        got = torch.cat([pre[h], suf[h]], 1)
+        err = float((got - full[h]).abs().max() / full[h].abs().max().clamp_min(1e-12))
+        if not err <= tol:
+            log.warning("%s: activations at %s through a cached prefix differ from a full pass by %.2g "
+                        "(relative); capturing with full forward passes.", m.identity.spec, h, err)
+            return False
+    return True
 
 
 _FINAL_NORM_HOOK = "ln_final.hook_out"  # what the unembedding reads
@@ -537,11 +660,14 @@ class _HookRecorder:
 
 
 def _forward_hooks(m: LoadedModel, ids: Tensor, mask: Tensor, hooks: Sequence[str], stop_layer: int | None,
-                   recorder: _HookRecorder) -> dict[str, Tensor]:
+                   recorder: _HookRecorder, past=None) -> dict[str, Tensor]:
+    """The hooks' activations of one batch; with ``past`` (a key/value cache of the earlier positions,
+    which this pass extends) ``ids`` are the later positions and ``mask`` covers all of them."""
     recorder.acts, recorder.width = {}, ids.shape[1]
     dev = m.device
+    kw = {} if past is None else {"past_key_values": past, "use_cache": True}
     try:
-        m.bridge(ids.to(dev), attention_mask=mask.to(dev), return_type=None, stop_at_layer=stop_layer)
+        m.bridge(ids.to(dev), attention_mask=mask.to(dev), return_type=None, stop_at_layer=stop_layer, **kw)
     except _StopForward:
         pass
     acts = recorder.acts
@@ -549,8 +675,9 @@ def _forward_hooks(m: LoadedModel, ids: Tensor, mask: Tensor, hooks: Sequence[st
     if missing:
         raise RuntimeError(f"Hooks {missing} never fired during the forward pass; they may be gated off "
                            "in this model (see TransformerBridge.set_use_* setters).")
+    valid = mask[:, -ids.shape[1]:].bool()
     for h, x in acts.items():
-        if not torch.isfinite(x[mask.bool()]).all():
+        if not torch.isfinite(x[valid]).all():
             raise FloatingPointError(f"Non-finite activations at hook {h!r} of {m.identity.spec!r}; "
                                      "check the model weights and dtype (fp16 overflows are common).")
     return acts

@@ -30,6 +30,8 @@ against it for real.
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import difflib
 import hashlib
@@ -215,6 +217,11 @@ class LocalChatLLM:
         self.name = name or f"local:{ident.spec}"
         # The weights fingerprint makes the cache forget replies of a model that was rebuilt or retuned.
         self.cache_id = f"local:{ident.fingerprint or ident.checkpoint}"
+        # Log-probabilities at the end of recently generated-from prompts: the first step of generation
+        # computes exactly what choice_logprobs asks for, so asking for a label's probabilities after
+        # generating it costs no second pass over the (often long, few-shot) prompt.
+        self._prompt_end_lp: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._prompt_end_lp_max = 256
 
     def render(self, messages: list[Message]) -> str:
         """The prompt text the model sees for ``messages`` (chat template + generation prompt)."""
@@ -244,6 +251,7 @@ class LocalChatLLM:
         eos = tok.eos_token_id
         gen_cfg = GenerationConfig(
             max_new_tokens=int(max_tokens), do_sample=not greedy, use_cache=True,
+            output_logits=True, return_dict_in_generate=True,
             temperature=None if greedy else float(temperature), top_k=None if greedy else 0,
             top_p=None if greedy else 1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos,
         )
@@ -265,7 +273,9 @@ class LocalChatLLM:
                 enc = enc.to(device)
                 with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(seed + b)
-                    seqs = hf.generate(**enc, generation_config=gen_cfg)
+                    res = hf.generate(**enc, generation_config=gen_cfg)
+                seqs = res.sequences
+                self._remember_prompt_ends(chunk, res.logits[0])
                 out.extend(s.strip() for s in tok.batch_decode(seqs[:, width:], skip_special_tokens=True))
         finally:
             tok.padding_side = side
@@ -289,11 +299,18 @@ class LocalChatLLM:
         texts = [self.render(_check_messages(m)) for m in batch]
         hf, dev = self.model.hf_model, self.model.device
         out = np.zeros((len(texts), len(first)))
+        todo = []
+        for i, t in enumerate(texts):
+            if t in self._prompt_end_lp:  # generated from moments ago: the first step's log-probabilities
+                out[i] = self._prompt_end_lp[t][first].numpy()
+            else:
+                todo.append(i)
         side = tok.padding_side
         tok.padding_side = "left"  # the last position of every row is then the prompt's end
         try:
-            for start in range(0, len(texts), self.batch_size):
-                enc = tok(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
+            for start in range(0, len(todo), self.batch_size):
+                rows = todo[start: start + self.batch_size]
+                enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(dev)
                 with torch.no_grad():
                     try:  # only the last position's logits: the unembedding of every position is waste
@@ -301,10 +318,20 @@ class LocalChatLLM:
                     except TypeError:  # models without logits_to_keep
                         logits = hf(**enc).logits[:, -1].float()
                 lp = torch.log_softmax(logits, -1)[:, first]
-                out[start: start + len(lp)] = lp.cpu().numpy()
+                out[rows] = lp.cpu().numpy()
         finally:
             tok.padding_side = side
         return out
+
+    def _remember_prompt_ends(self, texts: Sequence[str], first_logits) -> None:
+        import torch
+
+        lps = torch.log_softmax(first_logits.float(), -1).cpu()
+        for t, lp in zip(texts, lps, strict=True):
+            self._prompt_end_lp[t] = lp.clone()
+            self._prompt_end_lp.move_to_end(t)
+        while len(self._prompt_end_lp) > self._prompt_end_lp_max:
+            self._prompt_end_lp.popitem(last=False)
 
     def __repr__(self) -> str:
         return f"LocalChatLLM(name={self.name!r}, batch_size={self.batch_size})"

@@ -312,3 +312,61 @@ def test_logprobs_from_the_capture_pass_equal_a_separate_scoring_pass(which, tin
     with pytest.raises(ValueError, match="prompt_chars"):
         capture_activations(models, records_from_texts(TEXTS), tmp_path / "x", hooks=hooks, positions="last",
                             logprobs=True)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_shared_prefix_capture_equals_full_passes(which, tiny_base, tiny_tuned, request, tmp_path, monkeypatch):
+    """share_prefix=True runs a shared prompt once and the rest of each record on its key/value cache:
+    activations at every position (prompt ones included) and log-probabilities equal full passes."""
+    import irm.capture as cap
+    from irm.implicit.words import word_records
+
+    monkeypatch.setattr(cap, "_MIN_PREFIX_SAVING", 1)  # share even the tiny groups of this test
+    if which == "tiny":
+        models = {"base": tiny_base, "tuned": tiny_tuned}
+        words = ["good", "bad", "movie", "great", "film", "story"]
+    else:
+        models = {"base": request.getfixturevalue("smollm2")}
+        words = ["good", "abominable", "heartwarming", "ok", "dreadful", "fine"]
+    prompts = ["I rented this film because", "I rented this film because", "Honestly", "Honestly",
+               "A wonderful and moving"]
+    responses = [" my friend said it was good", " it was cheap", " the acting was great and", " no",
+                 " performance"]
+    cases = [(word_records(words), "target", True), (records_from_pairs(prompts, responses), "all", True),
+             (records_from_pairs(prompts, responses), "response_mean", False)]
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    for k, (recs, rule, lp) in enumerate(cases):
+        kw = dict(hooks=hooks, positions=rule, batch_size=4, shard_size=13, logprobs=lp)
+        shared = capture_activations(models, recs, tmp_path / f"s{k}", share_prefix=True, **kw)
+        full = capture_activations(models, recs, tmp_path / f"f{k}", **kw)
+        assert shared.manifest["share_prefix"] is True and "share_prefix" not in full.manifest
+        for role in models:
+            for h in hooks:
+                torch.testing.assert_close(shared.load(role, h), full.load(role, h), rtol=1e-4, atol=1e-4)
+            if lp:
+                np.testing.assert_allclose(shared.logprobs(role), full.logprobs(role), rtol=1e-5, atol=1e-4)
+        for name, col in full.index().items():
+            np.testing.assert_array_equal(shared.index()[name], col)
+
+
+def test_shared_prefix_falls_back_when_a_model_ignores_the_cache(tiny_base, tmp_path, monkeypatch, caplog):
+    """A model whose forward drops past_key_values would give wrong activations through a cached prefix:
+    the per-shard check notices, warns, and the capture uses full passes (equal to share_prefix=False)."""
+    import irm.capture as cap
+    from irm.implicit.words import word_records
+
+    monkeypatch.setattr(cap, "_MIN_PREFIX_SAVING", 1)
+    recs = word_records(["good", "bad", "movie", "great"])
+    kw = dict(hooks=["blocks.1.hook_resid_post"], positions="target", batch_size=4, shard_size=24)
+    full = capture_activations({"base": tiny_base}, recs, tmp_path / "full", **kw)
+    bridge = tiny_base.bridge
+    real = type(bridge).forward
+
+    def forgetful(self, *a, past_key_values=None, use_cache=None, **k):
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(bridge), "forward", forgetful)
+    with caplog.at_level("WARNING"):
+        got = capture_activations({"base": tiny_base}, recs, tmp_path / "shared", share_prefix=True, **kw)
+    assert "full forward passes" in caplog.text
+    torch.testing.assert_close(got.load("base", kw["hooks"][0]), full.load("base", kw["hooks"][0]))

@@ -146,3 +146,57 @@ def test_response_logprobs_equal_a_plain_full_forward(tiny_base):
             lp = torch.log_softmax(tiny_base.hf_model(ids).logits[0, :-1].double(), -1)
         ref = lp[torch.arange(n_prompt - 1, ids.shape[1] - 1), ids[0, n_prompt:]].numpy()
         assert g.shape == ref.shape and np.allclose(g, ref, atol=1e-4)
+
+
+def _perturbed_texts():
+    """Perturbations of two responses to two prompts, as the contrastive stage scores them."""
+    base_a = " the acting was wonderful and the story moved me more than I expected from a film like this"
+    base_b = " it was a long and boring movie with a plot that made no sense at all to anyone"
+    variants_a = [base_a, base_a.replace("wonderful", "terrible"), base_a.replace("moved", "bored"),
+                  base_a + ". Thanks for asking.", base_a.replace("a film", "the film"), " honestly," + base_a]
+    variants_b = [base_b, base_b.replace("boring", "exciting"), base_b + " really", base_b.replace("long", "short")]
+    prompts = ["The movie was"] * len(variants_a) + ["Last night I watched a film and"] * len(variants_b)
+    return prompts, variants_a + variants_b
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_shared_prefix_scoring_equals_full_passes(which, tiny_base, request):
+    """Texts that begin like an anchor run only their own tokens on its cache: same numbers as full passes,
+    in any batch size."""
+    from irm.implicit import response_logprobs
+    from irm.implicit.logratio import _share_plan
+
+    m = tiny_base if which == "tiny" else request.getfixturevalue("smollm2")
+    prompts, responses = _perturbed_texts()
+    ids = [m.tokenizer(p + r).input_ids for p, r in zip(prompts, responses)]
+    plan = _share_plan(ids)
+    assert plan and sum(len(ms) for _, ms in plan) >= 5  # the test exercises sharing
+    if which == "smollm2":  # the unperturbed response is the anchor of its perturbations
+        assert 0 in {a for a, _ in plan}
+    full = response_logprobs(m, prompts, responses, batch_size=3, share_prefix=False)
+    for bs in (1, 3, 16):
+        got = response_logprobs(m, prompts, responses, batch_size=bs)
+        for g, f in zip(got, full, strict=True):
+            assert g.shape == f.shape and len(g) > 0
+            np.testing.assert_allclose(g, f, atol=1e-4)
+
+
+def test_shared_prefix_scoring_falls_back_when_the_model_mishandles_it(smollm2, monkeypatch, caplog):
+    """A model that ignores position_ids would score members at the wrong positions: the first shared batch
+    is checked against a full pass, and the scoring then runs without sharing."""
+    from irm.implicit import response_logprobs
+
+    prompts, responses = _perturbed_texts()
+    full = response_logprobs(smollm2, prompts, responses, share_prefix=False)
+    base = type(smollm2.hf_model.base_model)
+    real = base.forward
+
+    def no_positions(self, *a, position_ids=None, **k):
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(base, "forward", no_positions)
+    with caplog.at_level("WARNING"):
+        got = response_logprobs(smollm2, prompts, responses)
+    assert "using full passes" in caplog.text
+    for g, f in zip(got, full, strict=True):
+        np.testing.assert_allclose(g, f, atol=1e-4)

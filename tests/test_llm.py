@@ -270,3 +270,26 @@ def test_choice_logprobs_batched_equals_one_at_a_time_and_is_cached(smollm2, tmp
         choice_logprobs(WordsOnly(), batch, ["1", "0"])
     with pytest.raises(LLMError, match="classify_mode"):
         CachedLLM(WordsOnly(), tmp_path / "w").choice_logprobs(batch, ["1", "0"])
+
+
+def test_choice_logprobs_after_generation_reuse_its_first_step(smollm2, monkeypatch):
+    """Generating from a prompt computes the log-probabilities at its end; choice_logprobs on the same
+    messages then answers without another forward pass, with the numbers a separate pass gives."""
+    from irm.llm import choice_logprobs
+
+    batch = [[{"role": "user", "content": f"Reply with 1 or 0 only. Is {w!r} positive?"}]
+             for w in ["wonderful", "table", "a dreadful film"]]
+    llm = LocalChatLLM(smollm2, batch_size=2)
+    want = choice_logprobs(LocalChatLLM(smollm2, batch_size=2), batch, ["1", "0"])
+    llm.complete_many(batch[:2], max_tokens=3)
+    hf = smollm2.hf_model
+    real, calls = type(hf).forward, []
+
+    def counting(self, *a, **k):
+        calls.append(k.get("input_ids", a[0] if a else None).shape[0])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(hf), "forward", counting)
+    got = choice_logprobs(llm, batch, ["1", "0"])
+    assert calls == [1]  # only the third conversation, which was never generated from
+    np.testing.assert_allclose(got, want, atol=1e-4)

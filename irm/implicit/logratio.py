@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from irm.log import get_logger
 from irm.rewards.base import BaseRewardModel
+
+log = get_logger(__name__)
 
 __all__ = ["response_logprobs", "token_log_ratios", "LogRatioRM"]
 
@@ -31,58 +34,209 @@ def response_logprobs(
     *,
     batch_size: int = 32,
     max_length: int = 256,
+    share_prefix: bool = True,
 ) -> list[Float[np.ndarray, " n_response_tokens"]]:
-    """``log p(t | ctx)`` of every response token, for each (prompt, response); left-padded batches.
+    """``log p(t | ctx)`` of every response token, for each (prompt, response).
 
     ``model`` is an :class:`irm.models.LoadedModel`. A token belongs to the response if it covers any
     character of the response (the prompt's tokenisation is not assumed to be a prefix).
+
+    ``share_prefix`` (default): texts that begin with the same tokens as an earlier "anchor" text (the
+    perturbations of one response, the responses to one prompt) run only their remaining tokens, on
+    the anchor's key/value cache. Equal to separate passes to float precision; the first shared batch
+    is checked against a full pass, and a model that does not reproduce it is scored without sharing.
     """
     tok = model.tokenizer
     texts = [p + r for p, r in zip(prompts, responses, strict=True)]
     enc = tok(texts, add_special_tokens=True, truncation=True, max_length=max_length, return_offsets_mapping=True)
-    out: list[np.ndarray] = [np.zeros(0)] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
-    dev = model.device
-    for b0 in range(0, len(order), batch_size):
-        batch = order[b0 : b0 + batch_size]
-        lens = [len(enc["input_ids"][i]) for i in batch]
-        width = max(lens)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, width - lens[r]:] = torch.tensor(enc["input_ids"][i])
-            mask[r, width - lens[r]:] = 1
-        # Only response tokens need logits: run the decoder, then the unembedding at those positions
-        # alone (the vocabulary projection and its softmax dominate the cost for short responses).
-        rows, cols, targets, owners = [], [], [], []
-        for r, i in enumerate(batch):
-            offs = np.asarray(enc["offset_mapping"][i]).reshape(-1, 2)
-            in_resp = offs[:, 1] > len(prompts[i])
-            in_resp[0] = False  # the first token has no context to be predicted from
-            pos = np.nonzero(in_resp)[0] + (width - lens[r])
-            rows += [r] * len(pos)
-            cols += (pos - 1).tolist()
-            targets += ids[r, pos].tolist()
+    ids_of = [list(x) for x in enc["input_ids"]]
+    targets_of = []  # per text: positions of the response tokens it scores (each predicted from the one before)
+    for i, offs in enumerate(enc["offset_mapping"]):
+        offs = np.asarray(offs).reshape(-1, 2)
+        in_resp = offs[:, 1] > len(prompts[i])
+        in_resp[0] = False  # the first token has no context to be predicted from
+        targets_of.append(np.nonzero(in_resp)[0])
+    scorer = _Scorer(model, ids_of, targets_of)
+    plan = _share_plan(ids_of) if share_prefix and len(texts) > 1 else []
+    shared = {j for _, members in plan for j, _ in members}
+    if plan and not scorer.check_shared(plan[0]):
+        plan, shared = [], set()
+    rest = [i for i in range(len(texts)) if i not in shared]
+    for b0 in range(0, len(rest), batch_size):  # texts that share no prefix: left-padded full passes
+        scorer.full(sorted(rest, key=lambda i: len(ids_of[i]))[b0 : b0 + batch_size])
+    # Anchors in groups of batch_size, each followed by the members that reuse their cache.
+    for g0 in range(0, len(plan), batch_size):
+        group = plan[g0 : g0 + batch_size]
+        cache, hidden = scorer.anchors([a for a, _ in group])
+        members = [(j, k, c) for k, (_, ms) in enumerate(group) for j, c in ms]
+        members.sort(key=lambda m: len(ids_of[m[0]]) - m[2])  # by tokens left to run: little padding
+        for b0 in range(0, len(members), batch_size):
+            scorer.members(members[b0 : b0 + batch_size], cache, hidden)
+    return scorer.out
+
+
+# A text reuses an anchor's cache when they share at least this many leading tokens.
+_MIN_SHARED = 8
+_MAX_CANDIDATES = 64  # anchor candidates tried per cluster and round (bounds the quadratic search)
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _share_plan(ids_of: list[list[int]]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """``[(anchor, [(member, shared_len), ...])]``, the texts that run on an anchor's cache.
+
+    Sorted by token ids, texts fall into clusters whose neighbours share ``_MIN_SHARED`` tokens. In a
+    cluster the anchor is the text that shares the most tokens with the others (for perturbations of
+    one response: the unperturbed response); texts sharing ``_MIN_SHARED`` tokens with it join it,
+    and the rest of the cluster is searched again. Texts left out run as plain passes.
+    """
+    order = sorted(range(len(ids_of)), key=lambda i: ids_of[i])
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and _lcp(ids_of[clusters[-1][-1]], ids_of[i]) >= _MIN_SHARED:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+
+    def shared(a: int, b: int) -> int:  # at least one token of b's own is left to run
+        return min(_lcp(ids_of[a], ids_of[b]), len(ids_of[b]) - 1)
+
+    plan = []
+    for remaining in clusters:
+        while len(remaining) >= 2:
+            step = max(1, len(remaining) // _MAX_CANDIDATES)
+            best, best_saving = remaining[0], -1
+            for a in remaining[::step]:
+                saving = sum(n for b in remaining if b != a and (n := shared(a, b)) >= _MIN_SHARED)
+                if saving > best_saving:
+                    best, best_saving = a, saving
+            members = [(b, n) for b in remaining if b != best and (n := shared(best, b)) >= _MIN_SHARED]
+            if not members:
+                break
+            plan.append((best, members))
+            taken = {best, *(b for b, _ in members)}
+            remaining = [b for b in remaining if b not in taken]
+    return plan
+
+
+class _Scorer:
+    """Final hidden states -> response log-probabilities, for full passes, anchors and their members."""
+
+    def __init__(self, model, ids_of: list[list[int]], targets_of: list[np.ndarray]) -> None:
+        self.model, self.hf = model, model.hf_model
+        cfg = self.hf.config
+        if getattr(cfg, "final_logit_softcapping", None) or self.hf.get_output_embeddings() is None:
+            raise NotImplementedError(
+                f"{cfg.model_type} post-processes its logits; response_logprobs supports plain unembeddings.")
+        self.ids_of, self.targets_of = ids_of, targets_of
+        self.pad = model.tokenizer.pad_token_id
+        self.dev = model.device
+        self.out: list[np.ndarray] = [np.zeros(0)] * len(ids_of)
+
+    def _score(self, rows: list[tuple[int, torch.Tensor]]) -> None:
+        """``rows``: (text, its final hidden states [n_tokens, d]); only response positions are unembedded."""
+        hs, tg, owners = [], [], []
+        for i, h in rows:
+            pos = self.targets_of[i]
+            hs.append(h[torch.as_tensor(pos - 1, dtype=torch.long, device=h.device)])
+            tg += [self.ids_of[i][p] for p in pos]
             owners.append((i, len(pos)))
-        hidden = _final_hidden(model.hf_model, ids.to(dev), mask.to(dev))
-        h = hidden[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)]
-        logits = model.hf_model.get_output_embeddings()(h).float()
-        lp = (logits.gather(-1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+        logits = self.hf.get_output_embeddings()(torch.cat(hs)).float()
+        lp = (logits.gather(-1, torch.tensor(tg, device=logits.device)[:, None])[:, 0]
               - torch.logsumexp(logits, -1)).cpu().numpy().astype(np.float64)
         k = 0
-        for i, n_pos in owners:
-            out[i] = lp[k : k + n_pos]
-            k += n_pos
-    return out
+        for i, n in owners:
+            self.out[i] = lp[k : k + n]
+            k += n
+
+    def _padded(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            sl = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[r, sl], mask[r, sl] = torch.tensor(s), 1
+        return ids, mask
+
+    def full(self, batch: list[int]) -> None:
+        ids, mask = self._padded([self.ids_of[i] for i in batch], left=True)
+        h = self.hf.base_model(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev)).last_hidden_state
+        w = ids.shape[1]
+        self._score([(i, h[r, w - len(self.ids_of[i]):]) for r, i in enumerate(batch)])
+
+    def anchors(self, batch: list[int]):
+        """Right-padded full passes of the anchors (a row's positions are then 0..n-1, as its members
+        expect); returns their key/value cache and final hidden states."""
+        from transformers import DynamicCache
+
+        ids, mask = self._padded([self.ids_of[i] for i in batch], left=False)
+        cache = DynamicCache(config=self.hf.config)
+        h = self.hf.base_model(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), past_key_values=cache,
+                               use_cache=True).last_hidden_state
+        self._score([(i, h[r, : len(self.ids_of[i])]) for r, i in enumerate(batch)])
+        return cache, h
+
+    def members(self, batch: list[tuple[int, int, int]], cache, hidden) -> None:
+        """Texts ``(i, anchor row k, shared length c)``: row r attends to its anchor's first c positions
+        (the cache, cut at the batch's largest c, with the rest masked) and runs only its own tokens."""
+        from transformers import DynamicCache
+
+        big_c = max(c for _, _, c in batch)
+        rows = torch.tensor([k for _, k, _ in batch], device=hidden.device)
+        sub = DynamicCache(config=self.hf.config)
+        for layer, (k_, v_) in enumerate(_cache_layers(cache)):
+            sub.update(k_[rows, :, :big_c], v_[rows, :, :big_c], layer)
+        tails = [self.ids_of[i][c:] for i, _, c in batch]
+        ids, tail_mask = self._padded(tails, left=False)
+        mask = torch.zeros((len(batch), big_c + ids.shape[1]), dtype=torch.long)
+        mask[:, big_c:] = tail_mask
+        pos = torch.zeros_like(ids)
+        for r, (_, _, c) in enumerate(batch):
+            mask[r, :c] = 1
+            pos[r] = c + torch.arange(ids.shape[1])
+        h = self.hf.base_model(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev),
+                               position_ids=pos.to(self.dev), past_key_values=sub, use_cache=True).last_hidden_state
+        self._score([(i, torch.cat([hidden[k, :c], h[r, : len(self.ids_of[i]) - c]]))
+                     for r, (i, k, c) in enumerate(batch)])
+
+    def check_shared(self, entry: tuple[int, list[tuple[int, int]]]) -> bool:
+        """A few members through their anchor's cache, in one batch (so rows with different shared
+        lengths, hence masked cache positions and shifted ``position_ids``), against their own full
+        passes: False (with a warning) if this model does not reproduce them, e.g. one whose forward
+        ignores ``position_ids`` or the cache."""
+        a, ms = entry
+        ms = sorted(ms, key=lambda m: m[1])
+        probe = list({c: (i, c) for i, c in ms}.values())[:4]  # distinct shared lengths first
+        # The anchor itself, sharing all but its last token: the widest cache, so other rows have holes.
+        probe.append((a, len(self.ids_of[a]) - 1))
+        try:
+            cache, hidden = self.anchors([a])
+            self.members([(i, 0, c) for i, c in probe], cache, hidden)
+        except Exception as e:  # noqa: BLE001 - any failure means: score without sharing
+            log.warning("%s: scoring through a shared prefix fails (%s: %s); using full passes.",
+                        self.model.identity.spec, type(e).__name__, e)
+            return False
+        got = {i: self.out[i] for i, _ in probe}
+        self.full([i for i, _ in probe])
+        err = max(float(np.max(np.abs(got[i] - self.out[i]), initial=0.0)) for i, _ in probe)
+        if not err <= (1e-3 if self.hf.dtype == torch.float32 else 5e-2):
+            log.warning("%s: log-probabilities through a shared prefix differ from a full pass by %.2g; "
+                        "using full passes.", self.model.identity.spec, err)
+            return False
+        return True
 
 
-def _final_hidden(hf_model, ids, mask):
-    """The last hidden state the unembedding reads (after the final norm), without computing logits."""
-    cfg = hf_model.config
-    if getattr(cfg, "final_logit_softcapping", None) or hf_model.get_output_embeddings() is None:
-        raise NotImplementedError(
-            f"{cfg.model_type} post-processes its logits; response_logprobs supports plain unembeddings.")
-    return hf_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+def _cache_layers(cache):
+    """(keys, values) per layer of a transformers cache ([batch, heads, positions, head_dim] each)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
 def token_log_ratios(

@@ -76,7 +76,7 @@ def collect_word_data(pair, split: WordSplit, table: dict[str, float], hooks: li
     n, T = len(words), len(TEMPLATES)
     # One forward pass per model gives both the slot activations and the words' log-probabilities.
     kw = dict(hooks=hooks, positions="target", batch_size=batch_size, shard_size=1024, max_length=32,
-              dataset={"source": "irm word templates"}, logprobs=True)
+              dataset={"source": "irm word templates"}, logprobs=True, share_prefix=True)
     models = {"base": pair.base, "tuned": pair.tuned}
     try:  # the same words, models and hooks as last time: the store is reused (or resumed)
         store = capture_activations(models, word_records(all_words), store_dir, overwrite=overwrite, **kw)
