@@ -31,7 +31,6 @@ against it for real.
 from __future__ import annotations
 
 import collections
-
 import dataclasses
 import difflib
 import hashlib
