@@ -173,6 +173,19 @@ def choice_logprobs(client: Any, batch: Sequence[list[Message]], choices: Sequen
 
 # ----------------------------------------------------------------------------------------------
 # A local transformers chat model
+_MIN_SHARED_PROMPT = 16  # shared leading tokens of a call's prompts worth a cached prefix
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest common prefix of ``seqs``, leaving every sequence at least one token of its own."""
+    first = seqs[0]
+    n = min(len(x) for x in seqs) - 1
+    k = 0
+    while k < n and all(x[k] == first[k] for x in seqs):
+        k += 1
+    return list(first[:k])
+
+
 class LocalChatLLM:
     """A causal LM from :func:`irm.models.load_model` used as a chat model.
 
@@ -237,7 +250,6 @@ class LocalChatLLM:
     def complete_many(
         self, batch: Sequence[list[Message]], *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0
     ) -> list[str]:
-        import torch
         from transformers import GenerationConfig
 
         _check_params(max_tokens, temperature, seed)
@@ -254,31 +266,91 @@ class LocalChatLLM:
             temperature=None if greedy else float(temperature), top_k=None if greedy else 0,
             top_p=None if greedy else 1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos,
         )
-        device = self.model.device
         out: list[str] = []
-        side = tok.padding_side
-        tok.padding_side = "left"  # right padding would put pads between the prompt and the reply
-        try:
-            for b, start in enumerate(range(0, len(texts), self.batch_size)):
-                chunk = texts[start : start + self.batch_size]
-                # The chat template already holds the special tokens (BOS, <|im_start|>...).
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                width = enc["input_ids"].shape[1]
-                if n_ctx and width + max_tokens > n_ctx:
-                    raise ValueError(
-                        f"{self.name}: a prompt of {width} tokens plus max_tokens={max_tokens} exceeds the "
-                        f"model's context of {n_ctx} tokens; shorten the messages or lower max_tokens."
-                    )
-                enc = enc.to(device)
-                with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(seed + b)
-                    res = hf.generate(**enc, generation_config=gen_cfg)
-                seqs = res.sequences
-                self._remember_prompt_ends(chunk, res.logits[0])
-                out.extend(s.strip() for s in tok.batch_decode(seqs[:, width:], skip_special_tokens=True))
-        finally:
-            tok.padding_side = side
+        # The chat template already holds the special tokens (BOS, <|im_start|>...).
+        ids_all = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        longest = max(len(x) for x in ids_all)
+        if n_ctx and longest + max_tokens > n_ctx:
+            raise ValueError(
+                f"{self.name}: a prompt of {longest} tokens plus max_tokens={max_tokens} exceeds the "
+                f"model's context of {n_ctx} tokens; shorten the messages or lower max_tokens."
+            )
+        prefix = _common_prefix(ids_all) if len(texts) > 1 else []
+        cache = self._prefill(prefix) if len(prefix) >= _MIN_SHARED_PROMPT else None
+        for b, start in enumerate(range(0, len(texts), self.batch_size)):
+            chunk_ids = ids_all[start : start + self.batch_size]
+            res = width = None
+            if cache is not None:
+                res, width = self._generate(chunk_ids, gen_cfg, seed + b, cache, len(prefix))
+                if b == 0 and not self._prefix_ok(chunk_ids[0], res.logits[0][0]):
+                    cache, res = None, None
+            if res is None:
+                res, width = self._generate(chunk_ids, gen_cfg, seed + b)
+            self._remember_prompt_ends(texts[start : start + self.batch_size], res.logits[0])
+            out.extend(s.strip() for s in tok.batch_decode(res.sequences[:, width:], skip_special_tokens=True))
         return out
+
+    def _generate(self, chunk_ids: list[list[int]], gen_cfg, seed: int, cache=None, n_prefix: int = 0):
+        """``hf.generate`` on one batch: left-padded prompts, or with ``cache`` (the key/value cache of
+        the first ``n_prefix`` tokens, which every prompt shares) [prefix, pads, rest] rows whose
+        positions skip the pads, so only the rest is run. Returns the output and the input width."""
+        import copy
+
+        import torch
+
+        hf, dev = self.model.hf_model, self.model.device
+        pad = self.model.tokenizer.pad_token_id
+        rest = [x[n_prefix:] for x in chunk_ids]
+        w = max(len(x) for x in rest)
+        ids = torch.full((len(rest), n_prefix + w), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (full, tail) in enumerate(zip(chunk_ids, rest, strict=True)):
+            ids[r, :n_prefix], mask[r, :n_prefix] = torch.tensor(full[:n_prefix], dtype=torch.long), 1
+            ids[r, n_prefix + w - len(tail):], mask[r, n_prefix + w - len(tail):] = torch.tensor(tail), 1
+        kw = {}
+        if cache is not None:
+            past = copy.deepcopy(cache)  # generation appends to the cache it is given
+            if len(rest) > 1:
+                past.batch_repeat_interleave(len(rest))
+            kw["past_key_values"] = past
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            res = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg, **kw)
+        return res, ids.shape[1]
+
+    def _prefill(self, prefix: list[int]):
+        """The key/value cache of ``prefix`` (the start every prompt of a call shares: system prompt,
+        instructions, few-shot examples), computed once per call."""
+        import torch
+        from transformers import DynamicCache
+
+        hf, dev = self.model.hf_model, self.model.device
+        cache = DynamicCache(config=hf.config)
+        try:
+            with torch.no_grad():
+                hf.base_model(input_ids=torch.tensor([prefix], device=dev), past_key_values=cache, use_cache=True)
+        except Exception as e:  # noqa: BLE001 - a model without a usable cache: no sharing
+            log.warning("%s: cannot cache the shared prompt prefix (%s: %s); generating without it.",
+                        self.name, type(e).__name__, e)
+            return None
+        return cache
+
+    def _prefix_ok(self, ids: list[int], first_logits) -> bool:
+        """The first generated step through the shared-prefix cache against a plain forward pass of the
+        same prompt (once per call): a model that mishandles the cache falls back to plain batches."""
+        import torch
+
+        hf, dev = self.model.hf_model, self.model.device
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([ids], device=dev), logits_to_keep=1).logits[0, -1]
+        want = torch.log_softmax(logits.float(), -1)
+        got = torch.log_softmax(first_logits.float(), -1)
+        err = float((got - want).abs().max())
+        if not err <= (1e-3 if hf.dtype == torch.float32 else 5e-2):
+            log.warning("%s: generation through the shared prompt prefix differs from a plain pass (%.2g); "
+                        "generating without it.", self.name, err)
+            return False
+        return True
 
     def choice_logprobs(self, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:
         """Log-probability of each choice's first token as the reply's first token (see

@@ -8,6 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from irm.llm import (
     LLM_CLIENTS,
@@ -293,3 +294,44 @@ def test_choice_logprobs_after_generation_reuse_its_first_step(smollm2, monkeypa
     got = choice_logprobs(llm, batch, ["1", "0"])
     assert calls == [1]  # only the third conversation, which was never generated from
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def _few_shot(question: str) -> list[dict[str, str]]:
+    shots = ("Q: Is 'superb' positive? A: 1\\nQ: Is 'awful' positive? A: 0\\nQ: Is 'table' positive? A: 0\\n"
+             "Q: Is 'lovely' positive? A: 1\\n")
+    return [{"role": "system", "content": "You label words. Reply with 1 or 0 and one short reason."},
+            {"role": "user", "content": shots + question}]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_through_a_shared_prompt_prefix_equals_plain_batches(smollm2, monkeypatch, temperature):
+    """The start every prompt of a call shares (system prompt, few-shot examples) is run once; the replies
+    and the first step's log-probabilities equal plain left-padded batches."""
+    import irm.llm as llm_mod
+
+    batch = [_few_shot(f"Q: Is {w!r} positive? A:") for w in ["wonderful", "chair", "a dreadful and boring film"]]
+    llm = LocalChatLLM(smollm2, batch_size=2)
+    ids = [smollm2.tokenizer(llm.render(m), add_special_tokens=False)["input_ids"] for m in batch]
+    assert len(llm_mod._common_prefix(ids)) >= llm_mod._MIN_SHARED_PROMPT  # the test exercises sharing
+    shared = llm.complete_many(batch, max_tokens=10, temperature=temperature, seed=3)
+    lp_shared = {k: v.clone() for k, v in llm._prompt_end_lp.items()}
+    monkeypatch.setattr(llm_mod, "_MIN_SHARED_PROMPT", 10**9)
+    plain_llm = LocalChatLLM(smollm2, batch_size=2)
+    plain = plain_llm.complete_many(batch, max_tokens=10, temperature=temperature, seed=3)
+    assert shared == plain and all(shared)
+    for text, lp in plain_llm._prompt_end_lp.items():
+        torch.testing.assert_close(lp_shared[text], lp, atol=1e-4, rtol=0)
+
+
+def test_a_wrong_prefix_cache_is_caught_and_generation_falls_back(smollm2, monkeypatch, caplog):
+    import irm.llm as llm_mod
+
+    batch = [_few_shot(f"Q: Is {w!r} positive? A:") for w in ["wonderful", "chair"]]
+    llm = LocalChatLLM(smollm2, batch_size=2)
+    real = LocalChatLLM._prefill
+    monkeypatch.setattr(LocalChatLLM, "_prefill", lambda self, prefix: real(self, prefix[::-1]))  # wrong cache
+    with caplog.at_level("WARNING"):
+        got = llm.complete_many(batch, max_tokens=8)
+    assert "generating without it" in caplog.text
+    monkeypatch.setattr(llm_mod, "_MIN_SHARED_PROMPT", 10**9)
+    assert got == LocalChatLLM(smollm2, batch_size=2).complete_many(batch, max_tokens=8)

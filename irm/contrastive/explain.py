@@ -623,8 +623,12 @@ def explain(
     original_margins, margins = {}, {}
     for name, rm in rm_dict.items():
         scores = np.empty(len(keys), dtype=np.float64)
-        for s in range(0, len(keys), score_batch):
-            chunk = keys[s : s + score_batch]
+        # In (prompt, text) order, so a chunk holds whole families of perturbations: an RM that runs a
+        # shared beginning once (the log-ratio IRM) finds the original beside its perturbations.
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        for s in range(0, len(order), score_batch):
+            idx = order[s : s + score_batch]
+            chunk = [keys[k] for k in idx]
             try:
                 r = np.asarray(rm.score([k[0] for k in chunk], [k[1] for k in chunk]), dtype=np.float64)
             except Exception as e:
@@ -632,7 +636,7 @@ def explain(
             if r.shape != (len(chunk),):
                 raise ValueError(f"Reward model {name!r} returned shape {r.shape} for {len(chunk)} texts; "
                                  "score must return float64[n].")
-            scores[s : s + len(chunk)] = r
+            scores[idx] = r
         if not np.all(np.isfinite(scores)):
             bad_i = int(np.flatnonzero(~np.isfinite(scores))[0])
             raise FloatingPointError(f"Reward model {name!r} returned a non-finite reward, e.g. for "

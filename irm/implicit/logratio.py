@@ -67,11 +67,11 @@ def response_logprobs(
     # Anchors in groups of batch_size, each followed by the members that reuse their cache.
     for g0 in range(0, len(plan), batch_size):
         group = plan[g0 : g0 + batch_size]
-        cache, hidden = scorer.anchors([a for a, _ in group])
+        cache, hidden, lp_at = scorer.anchors([a for a, _ in group])
         members = [(j, k, c) for k, (_, ms) in enumerate(group) for j, c in ms]
         members.sort(key=lambda m: len(ids_of[m[0]]) - m[2])  # by tokens left to run: little padding
         for b0 in range(0, len(members), batch_size):
-            scorer.members(members[b0 : b0 + batch_size], cache, hidden)
+            scorer.members(members[b0 : b0 + batch_size], cache, hidden, lp_at)
     return scorer.out
 
 
@@ -139,21 +139,29 @@ class _Scorer:
         self.dev = model.device
         self.out: list[np.ndarray] = [np.zeros(0)] * len(ids_of)
 
-    def _score(self, rows: list[tuple[int, torch.Tensor]]) -> None:
-        """``rows``: (text, its final hidden states [n_tokens, d]); only response positions are unembedded."""
+    def _score(self, rows: list[tuple[int, torch.Tensor]], known: list[dict[int, float]] | None = None) -> None:
+        """``rows``: (text, its final hidden states [n_tokens, d]); only response positions are unembedded,
+        except those whose log-probability ``known[row]`` already holds (a member's shared prefix)."""
         hs, tg, owners = [], [], []
-        for i, h in rows:
+        for r, (i, h) in enumerate(rows):
             pos = self.targets_of[i]
+            if known is not None:
+                pos = np.array([p for p in pos if p not in known[r]], dtype=np.int64)
             hs.append(h[torch.as_tensor(pos - 1, dtype=torch.long, device=h.device)])
             tg += [self.ids_of[i][p] for p in pos]
-            owners.append((i, len(pos)))
-        logits = self.hf.get_output_embeddings()(torch.cat(hs)).float()
-        lp = (logits.gather(-1, torch.tensor(tg, device=logits.device)[:, None])[:, 0]
-              - torch.logsumexp(logits, -1)).cpu().numpy().astype(np.float64)
+            owners.append((i, pos))
+        lp = np.zeros(0)
+        if tg:
+            logits = self.hf.get_output_embeddings()(torch.cat(hs)).float()
+            lp = (logits.gather(-1, torch.tensor(tg, device=logits.device)[:, None])[:, 0]
+                  - torch.logsumexp(logits, -1)).cpu().numpy().astype(np.float64)
         k = 0
-        for i, n in owners:
-            self.out[i] = lp[k : k + n]
-            k += n
+        for r, (i, pos) in enumerate(owners):
+            new = dict(zip(pos.tolist(), lp[k : k + len(pos)].tolist(), strict=True))
+            k += len(pos)
+            if known is not None:
+                new.update(known[r])
+            self.out[i] = np.array([new[p] for p in self.targets_of[i]], dtype=np.float64)
 
     def _padded(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
@@ -180,9 +188,11 @@ class _Scorer:
         h = self.hf.base_model(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), past_key_values=cache,
                                use_cache=True).last_hidden_state
         self._score([(i, h[r, : len(self.ids_of[i])]) for r, i in enumerate(batch)])
-        return cache, h
+        # Per anchor row: log-probabilities by position, which members copy inside their shared prefix.
+        lp_at = [dict(zip(self.targets_of[i].tolist(), self.out[i].tolist(), strict=True)) for i in batch]
+        return cache, h, lp_at
 
-    def members(self, batch: list[tuple[int, int, int]], cache, hidden) -> None:
+    def members(self, batch: list[tuple[int, int, int]], cache, hidden, lp_at: list[dict[int, float]]) -> None:
         """Texts ``(i, anchor row k, shared length c)``: row r attends to its anchor's first c positions
         (the cache, cut at the batch's largest c, with the rest masked) and runs only its own tokens."""
         from transformers import DynamicCache
@@ -202,8 +212,11 @@ class _Scorer:
             pos[r] = c + torch.arange(ids.shape[1])
         h = self.hf.base_model(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev),
                                position_ids=pos.to(self.dev), past_key_values=sub, use_cache=True).last_hidden_state
+        # A token inside the shared prefix (position < c) has the anchor's log-probability: same context,
+        # same token. Only the rest is unembedded.
+        known = [{p: v for p, v in lp_at[k].items() if p < c} for _, k, c in batch]
         self._score([(i, torch.cat([hidden[k, :c], h[r, : len(self.ids_of[i]) - c]]))
-                     for r, (i, k, c) in enumerate(batch)])
+                     for r, (i, k, c) in enumerate(batch)], known)
 
     def check_shared(self, entry: tuple[int, list[tuple[int, int]]]) -> bool:
         """A few members through their anchor's cache, in one batch (so rows with different shared
@@ -216,8 +229,8 @@ class _Scorer:
         # The anchor itself, sharing all but its last token: the widest cache, so other rows have holes.
         probe.append((a, len(self.ids_of[a]) - 1))
         try:
-            cache, hidden = self.anchors([a])
-            self.members([(i, 0, c) for i, c in probe], cache, hidden)
+            cache, hidden, lp_at = self.anchors([a])
+            self.members([(i, 0, c) for i, c in probe], cache, hidden, lp_at)
         except Exception as e:  # noqa: BLE001 - any failure means: score without sharing
             log.warning("%s: scoring through a shared prefix fails (%s: %s); using full passes.",
                         self.model.identity.spec, type(e).__name__, e)
