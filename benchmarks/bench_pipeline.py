@@ -2,8 +2,11 @@
 
 - **cold**: a fresh ``IRM_CACHE_DIR`` and a fresh run directory, so everything is computed: the
   GGUF dequantisation (or tiny-model build), the RLHF tuning of the pair, and every stage;
-- **cached pair**: the same ``IRM_CACHE_DIR`` again (converted base and tuned model reused) with a
-  fresh run directory, so every stage after the pair is recomputed.
+- **cached**: the same ``IRM_CACHE_DIR`` again with a fresh run directory: the converted base and the
+  tuned model are reused, and so are the LLM's replies (feature explanations and labels) that the
+  cold run cached; every other stage after the pair is recomputed;
+- **pair** (``--pair-only``): a cache that holds only the pair (links to the cold cache's ``models``
+  and ``tuned``), so the LLM's replies are recomputed too.
 
 Each run is ``python -m irm.cli run CONFIG --set run_dir=...`` in its own subprocess; its output goes
 to ``WORKDIR/{cold,cached}.log``. The per-stage seconds come from the run's ``results.json``.
@@ -77,6 +80,8 @@ def main() -> int:
     parser.add_argument("--cached-target", type=float, default=5.0, help="minutes (default 5)")
     parser.add_argument("--only", choices=["both", "cold", "cached"], default="both",
                         help="'cached' alone reuses --cache-dir (it must hold the pair already)")
+    parser.add_argument("--pair-only", action="store_true",
+                        help="also run with a cache that holds only the pair (no cached LLM replies)")
     parser.add_argument("--cache-dir", help="IRM_CACHE_DIR to use (default: a fresh one under the workdir)")
     parser.add_argument("--workdir", help="where run dirs, cache and logs go (default: a temporary dir)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (run dirs, cache, logs)")
@@ -97,6 +102,8 @@ def main() -> int:
     phases = {"cold": args.cold_target, "cached": args.cached_target}
     if args.only != "both":
         phases = {args.only: phases[args.only]}
+    if args.pair_only:
+        phases["pair"] = args.cached_target
     results: dict[str, dict] = {}
     failed = False
     try:
@@ -104,7 +111,15 @@ def main() -> int:
             run_dir = work / name
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            res = run_job(config, args.set, run_dir, cache, work / f"{name}.log", args.timeout, args.verbose)
+            cache_of = cache
+            if name == "pair":  # only the converted base and the tuned model, as links into the cache
+                cache_of = work / "pair_cache"
+                shutil.rmtree(cache_of, ignore_errors=True)
+                cache_of.mkdir(parents=True)
+                for sub in ("models", "tuned"):
+                    if (cache / sub).exists():
+                        (cache_of / sub).symlink_to(cache / sub, target_is_directory=True)
+            res = run_job(config, args.set, run_dir, cache_of, work / f"{name}.log", args.timeout, args.verbose)
             results[name] = res
             status = "ok" if res["rc"] == 0 else ("timed out" if res["rc"] is None else f"exit code {res['rc']}")
             print(f"{name:7s} {res['wall_s']:8.1f} s  ({res['wall_s'] / 60:.2f} min, target {target_min:g} min: "

@@ -112,7 +112,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = 16,
     desc: str = "generate",
 ) -> Generations:
     """Sample completions, left-padded and batched, with attention masks; reproducible from ``seed``.
@@ -373,7 +373,7 @@ def evaluate_pair(
     max_new_tokens: int = 20,
     seed: int = 0,
     run_dir: str | Path | None = None,
-    batch_size: int = 64,
+    batch_size: int = 16,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,

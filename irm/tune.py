@@ -706,7 +706,7 @@ def _final_eval(base_spec: str, out: Path, rm, held_out: list[str], config: Tune
         pair = ModelPair(load_model(base_spec, device=dev), load_model(str(out), device=dev))
     return evaluate_pair(pair, rm, held_out, max_new_tokens=config.max_new_tokens, seed=config.seed,
                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                         batch_size=64, run_dir=out)
+                         batch_size=32, run_dir=out)
 
 
 def _write_run_dir(run_dir: str | Path | None, result: TuneResult) -> None:
