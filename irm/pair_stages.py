@@ -7,6 +7,7 @@ local directory or GGUF) is used as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,12 @@ def _stage_tune(ctx: RunContext) -> None:
     from irm.models import cache_dir
 
     cfg: TuneConfig = ctx.cfg.section("tune")
+    if cfg.final_eval and "evaluate" in ctx.state.get("stages", ()):
+        # The evaluate stage measures the pair on the run's held-out prompts; tune's own final evaluation
+        # (on its split of the train prompts) would repeat the same generations and scores. A cached
+        # model without one gets it when `irm tune` reuses it (final_eval does not change the key).
+        log.info("tune: final evaluation left to the evaluate stage")
+        cfg = dataclasses.replace(cfg, final_eval=False)
     # Tuning sees only the run's train prompts; the run's held-out prompts stay unseen by every stage
     # that fits anything. trl splits off its own in-training evaluation prompts from these.
     result = tune(ctx.cfg.models.base, ctx.rm, ctx.train_prompts, cfg, cache_root=cache_dir(), run_dir=ctx.run_path,

@@ -172,10 +172,12 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, only: list[str
         if n not in names:
             raise ValueError(f"Unknown stage {n!r}; stages are {names}.")
     ctx = open_context(cfg, force=force)
+    selected = [n for n in names if not ((only and n not in only) or (skip and n in skip))]
+    ctx.state["stages"] = selected  # stages may leave to a later one what it does anyway
     t_all = time.perf_counter()
     try:
         for name, fn in ordered_stages():
-            if (only and name not in only) or (skip and name in skip):
+            if name not in selected:
                 continue
             log.info("stage %s", name)
             t0 = time.perf_counter()
