@@ -206,7 +206,7 @@ class LocalChatLLM:
         *,
         device: str | None = "cpu",
         dtype: str = "float32",
-        batch_size: int = 64,
+        batch_size: int = 32,
         name: str | None = None,
     ) -> None:
         from irm.constants import DEFAULT_MODEL
