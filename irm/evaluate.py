@@ -4,8 +4,8 @@ Works on any :class:`~irm.models.ModelPair`, whether :func:`irm.tune.tune` made 
 was loaded ready-made (``ModelPair.load("EleutherAI/pythia-70m",
 "amirabdullah19852020/pythia-70m_utility_reward")``). What it measures:
 
-- **reward**: the explicit RM on base and on tuned generations for the same prompts (same seed per
-  batch), mean and std of each, and the effect size ``(mean_tuned - mean_base) / std_base`` with a
+- **reward**: the explicit RM on base and on tuned generations for the same prompts (the same random
+  stream per prompt), mean and std of each, and the effect size ``(mean_tuned - mean_base) / std_base`` with a
   paired bootstrap CI;
 - **kl_per_token**: ``KL(tuned || base)`` at every completion position of the tuned samples, computed
   exactly over the vocabulary (not a one-sample estimate), averaged over completion tokens;
@@ -21,6 +21,7 @@ was loaded ready-made (``ModelPair.load("EleutherAI/pythia-70m",
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from irm.log import get_logger, progress
 __all__ = [
     "Generations",
     "generate",
+    "RowSampler",
     "completion_kl",
     "seq_rep_n",
     "distinct_n",
@@ -117,10 +119,13 @@ def generate(
 ) -> Generations:
     """Sample completions, left-padded and batched, with attention masks; reproducible from ``seed``.
 
-    Each batch draws from ``torch.manual_seed(seed + batch_index)`` inside a forked RNG, so two models
-    given the same prompts consume the same random stream (identical models give identical samples)
-    and the caller's global RNG is left untouched. ``temperature == 0`` means greedy decoding. The
-    sampling settings are passed as a fresh ``GenerationConfig``, so a checkpoint's own
+    Every completion has its own random stream, seeded by ``(seed, its prompt, which sample of that
+    prompt it is)``, and draws its tokens by the Gumbel-max trick on that stream (:class:`RowSampler`).
+    So ``batch_size`` is a speed setting only: a prompt gets the same completion whatever batch or
+    place in the list it has (up to float noise in the padded forward pass); two models given the same prompts use the same
+    streams (identical models give identical samples, and a base/tuned comparison shares its random
+    numbers); and the caller's global RNG is left untouched. ``temperature == 0`` means greedy
+    decoding. The sampling settings are passed as a fresh ``GenerationConfig``, so a checkpoint's own
     ``generation_config`` (e.g. a repetition penalty) cannot silently change what is measured.
 
     >>> gens = generate(model, tok, ["The movie was"], max_new_tokens=8, n_samples_per_prompt=4)
@@ -146,16 +151,25 @@ def generate(
     expanded = [p for p in prompts for _ in range(n_samples_per_prompt)]
     eos = _eos_ids(model, tokenizer)
     greedy = temperature == 0
+    if not greedy and not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"Sampling needs temperature > 0 (or 0 for greedy), top_k >= 0 (0: off) and 0 < top_p <= 1; "
+                         f"got temperature={temperature}, top_k={top_k}, top_p={top_p}.")
+    # Sampling runs as "greedy" over Gumbel-perturbed scores (RowSampler), so HF's own sampling warpers
+    # and its one batch-wide multinomial draw are off.
     gen_cfg = GenerationConfig(
-        max_new_tokens=int(max_new_tokens), use_cache=True,
-        do_sample=not greedy,
-        temperature=None if greedy else float(temperature),
-        top_k=None if greedy else int(top_k),
-        top_p=None if greedy else float(top_p),
+        max_new_tokens=int(max_new_tokens), use_cache=True, do_sample=False,
+        temperature=None, top_k=None, top_p=None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=list(eos),
         bos_token_id=tokenizer.bos_token_id,
     )
+    # A completion's random stream: (seed, its prompt, which sample of that prompt it is), so neither its
+    # batch nor its place in the list changes it, and repeated prompts still get independent samples.
+    seen: dict[str, int] = {}
+    keys = []
+    for p in expanded:
+        seen[p] = seen.get(p, -1) + 1
+        keys.append((seed, text_key(p), seen[p]))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -166,9 +180,9 @@ def generate(
             chunk = expanded[start : start + batch_size]
             # Same tokenisation as trl's plain-text prompts (the tokenizer's default special tokens).
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed + b)
-                seqs = model.generate(**enc, generation_config=gen_cfg)
+            kw = {} if greedy else {"logits_processor": RowSampler.processors(
+                keys[start : start + len(chunk)], device, temperature=temperature, top_k=top_k, top_p=top_p)}
+            seqs = model.generate(**enc, generation_config=gen_cfg, **kw)
             width = enc["input_ids"].shape[1]
             for i in range(len(chunk)):
                 mask = enc["attention_mask"][i].bool()
@@ -185,6 +199,54 @@ def generate(
         model.train(was_training)
     out.completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     return out
+
+
+def text_key(text: str) -> int:
+    """A stable 64-bit integer of ``text`` (a random-stream key; Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+class RowSampler:
+    """A logits processor that samples each batch row from its own random stream (Gumbel-max).
+
+    ``argmax(scores + g)`` with ``g`` i.i.d. standard Gumbel noise is a draw from ``softmax(scores)``.
+    The noise of a row comes from a ``torch.Generator`` seeded by that row's key (e.g. ``(seed,
+    completion index)``), one vocabulary-sized draw per step, so what a row samples does not depend on
+    which other rows share its batch, or how many. Used after temperature, top-k and top-p filtering
+    (:meth:`processors`), under ``do_sample=False``.
+    """
+
+    def __init__(self, keys: Sequence[tuple[int, ...]], device) -> None:
+        device = torch.device(device)
+        self.gens = []
+        for key in keys:
+            g = torch.Generator(device=device)
+            g.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1))
+            self.gens.append(g)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[0] != len(self.gens):
+            raise RuntimeError(f"RowSampler was made for {len(self.gens)} rows but got scores for {scores.shape[0]}.")
+        noise = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device, dtype=torch.float32)
+                             for g in self.gens])
+        gumbel = -torch.log(-torch.log(noise.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores.float() + gumbel
+
+    @classmethod
+    def processors(cls, keys: Sequence[tuple[int, ...]], device, *, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0):
+        """Temperature, top-k, top-p (HF's own warpers, in HF's order), then the per-row Gumbel draw."""
+        from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        procs: list[Any] = []
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(float(temperature)))
+        if top_k:
+            procs.append(TopKLogitsWarper(int(top_k)))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(float(top_p)))
+        return LogitsProcessorList([*procs, cls(keys, device)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +435,7 @@ def evaluate_pair(
     max_new_tokens: int = 20,
     seed: int = 0,
     run_dir: str | Path | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,

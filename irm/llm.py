@@ -192,9 +192,9 @@ class LocalChatLLM:
     ``model`` is a model spec (default: the embedded SmolLM2-135M-Instruct) or an already
     :class:`~irm.models.LoadedModel` (so a pipeline reuses the base model it has in memory).
     The tokenizer's chat template renders the messages; a tokenizer without one gets a plain
-    ``role: content`` transcript. Each batch of :meth:`complete_many` samples from
-    ``torch.manual_seed(seed + batch_index)`` in a forked RNG, so results depend only on the inputs
-    (and, when sampling, on how they are batched), never on the caller's global RNG.
+    ``role: content`` transcript. When sampling, each prompt draws from its own random stream keyed
+    by ``(seed, prompt)`` (:class:`irm.evaluate.RowSampler`), so a reply depends only on its messages
+    and seed, never on how the prompts are batched or on the caller's global RNG.
 
     >>> llm = LocalChatLLM("smollm2-135m-instruct")
     >>> llm.complete([{"role": "user", "content": "Name a colour."}], max_tokens=8)
@@ -260,12 +260,18 @@ class LocalChatLLM:
         n_ctx = int(getattr(hf.config, "max_position_embeddings", 0) or 0)
         greedy = temperature == 0
         eos = tok.eos_token_id
+        # Sampling is a Gumbel-max draw per prompt from its own stream (irm.evaluate.RowSampler), keyed by
+        # (seed, prompt): a reply does not depend on the batch it was asked in, which the reply cache
+        # (keyed by messages and seed) relies on.
         gen_cfg = GenerationConfig(
-            max_new_tokens=int(max_tokens), do_sample=not greedy, use_cache=True,
-            output_logits=True, return_dict_in_generate=True,
-            temperature=None if greedy else float(temperature), top_k=None if greedy else 0,
-            top_p=None if greedy else 1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+            max_new_tokens=int(max_tokens), do_sample=False, use_cache=True,
+            output_logits=True, return_dict_in_generate=True, temperature=None, top_k=None, top_p=None,
+            pad_token_id=tok.pad_token_id, eos_token_id=eos,
         )
+        from irm.evaluate import text_key
+
+        keys = [(seed, text_key(t), 0) for t in texts]
+        sampler = None if greedy else float(temperature)
         out: list[str] = []
         # The chat template already holds the special tokens (BOS, <|im_start|>...).
         ids_all = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -279,21 +285,26 @@ class LocalChatLLM:
         cache = self._prefill(prefix) if len(prefix) >= _MIN_SHARED_PROMPT else None
         for b, start in enumerate(range(0, len(texts), self.batch_size)):
             chunk_ids = ids_all[start : start + self.batch_size]
+            rows = keys[start : start + self.batch_size]
             res = width = None
             if cache is not None:
-                res, width = self._generate(chunk_ids, gen_cfg, seed + b, cache, len(prefix))
+                res, width = self._generate(chunk_ids, gen_cfg, rows, sampler, cache, len(prefix))
                 if b == 0 and not self._prefix_ok(chunk_ids[0], res.logits[0][0]):
                     cache, res = None, None
             if res is None:
-                res, width = self._generate(chunk_ids, gen_cfg, seed + b)
+                res, width = self._generate(chunk_ids, gen_cfg, rows, sampler)
             self._remember_prompt_ends(texts[start : start + self.batch_size], res.logits[0])
             out.extend(s.strip() for s in tok.batch_decode(res.sequences[:, width:], skip_special_tokens=True))
         return out
 
-    def _generate(self, chunk_ids: list[list[int]], gen_cfg, seed: int, cache=None, n_prefix: int = 0):
+    def _generate(self, chunk_ids: list[list[int]], gen_cfg, keys: list[tuple[int, int, int]],
+                  temperature: float | None, cache=None, n_prefix: int = 0):
         """``hf.generate`` on one batch: left-padded prompts, or with ``cache`` (the key/value cache of
         the first ``n_prefix`` tokens, which every prompt shares) [prefix, pads, rest] rows whose
-        positions skip the pads, so only the rest is run. Returns the output and the input width."""
+        positions skip the pads, so only the rest is run. ``temperature`` None is greedy, else each row
+        samples from the stream of its key. Returns the output and the input width."""
+        from irm.evaluate import RowSampler
+
         import copy
 
         import torch
@@ -313,8 +324,9 @@ class LocalChatLLM:
             if len(rest) > 1:
                 past.batch_repeat_interleave(len(rest))
             kw["past_key_values"] = past
-        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
+        if temperature is not None:
+            kw["logits_processor"] = RowSampler.processors(keys, dev, temperature=temperature)
+        with torch.no_grad():
             res = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg, **kw)
         return res, ids.shape[1]
 

@@ -28,7 +28,7 @@ class EvaluationConfig:
     n_prompts: int | None = field(default=None, metadata={"help": "Held-out prompts to evaluate on (None: all)."})
     n_samples_per_prompt: int = field(default=1, metadata={"help": "Generations per prompt and model."})
     max_new_tokens: int = field(default=20, metadata={"help": "Tokens per generation."})
-    batch_size: int = field(default=16, metadata={"help": "Generation batch size (sampling draws depend on it: changing it changes the samples)."})
+    batch_size: int = field(default=32, metadata={"help": "Generation batch size (speed only: each completion samples from its own random stream)."})
     n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for CIs."})
 
     def __post_init__(self) -> None:

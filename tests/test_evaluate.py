@@ -135,6 +135,47 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(pair):
     assert a.completion_ids[0] != a.completion_ids[1]  # two samples of one prompt differ
 
 
+def test_sampling_does_not_depend_on_the_batch_size(pair):
+    """Each completion has its own random stream: batch size and batch neighbours change nothing."""
+    m = pair.base
+    kw = dict(max_new_tokens=6, n_samples_per_prompt=2, seed=3)
+    ref = generate(m.hf_model, m.tokenizer, PROMPTS, batch_size=1, **kw)
+    for bs in (3, 16):
+        assert generate(m.hf_model, m.tokenizer, PROMPTS, batch_size=bs, **kw).completion_ids == ref.completion_ids
+    # A prompt gets what it got among the others, wherever it stands in the list.
+    moved = generate(m.hf_model, m.tokenizer, [PROMPTS[3], PROMPTS[0]], batch_size=4, **kw)
+    assert moved.completion_ids == ref.completion_ids[6:8] + ref.completion_ids[0:2]
+    # A repeated prompt is sampled afresh: its second copy continues that prompt's sample count.
+    twice = generate(m.hf_model, m.tokenizer, [PROMPTS[0]] * 2, max_new_tokens=6, seed=3)
+    once = generate(m.hf_model, m.tokenizer, [PROMPTS[0]], max_new_tokens=6, n_samples_per_prompt=2, seed=3)
+    assert twice.completion_ids == once.completion_ids == ref.completion_ids[0:2]
+    # Top-k 1 is greedy whatever the noise.
+    greedy = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=6, temperature=0, batch_size=5)
+    topk1 = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=6, top_k=1, seed=5, batch_size=2)
+    assert topk1.completion_ids == greedy.completion_ids
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m.hf_model, m.tokenizer, PROMPTS, top_p=0.0)
+
+
+def test_row_sampler_draws_from_the_softmax():
+    """Gumbel-max on a fixed distribution: the empirical frequencies match softmax(scores / T)."""
+    from irm.evaluate import RowSampler
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    for temperature in (1.0, 0.5):
+        procs = RowSampler.processors([(0, 0)], "cpu", temperature=temperature)
+        counts = torch.zeros(5)
+        for _ in range(20000):
+            counts[int(procs(torch.zeros(1, 1, dtype=torch.long), scores.clone()).argmax(-1))] += 1
+        expected = torch.softmax(scores[0] / temperature, -1)
+        assert counts[4] == 0
+        np.testing.assert_allclose((counts / counts.sum()).numpy(), expected.numpy(), atol=0.015)
+    # Top-p 0.7 keeps the two most likely tokens (0.64 + 0.24 crosses 0.7), renormalised.
+    procs = RowSampler.processors([(1, 2)], "cpu", top_p=0.7)
+    picks = {int(procs(torch.zeros(1, 1, dtype=torch.long), scores.clone()).argmax(-1)) for _ in range(300)}
+    assert picks == {0, 1}
+
+
 def test_generate_refuses_right_padding(pair):
     tok = pair.base.tokenizer
     tok.padding_side = "right"

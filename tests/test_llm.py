@@ -100,6 +100,9 @@ def test_local_chat_is_greedy_deterministic_seeded_and_batch_invariant(tiny_chat
     other = [{"role": "user", "content": "a much longer message so that the batch needs left padding here"}]
     batch = tiny_chat.complete_many([MSG, other], max_tokens=6)
     assert batch == [a, tiny_chat.complete(other, max_tokens=6)]  # padding must not change greedy replies
+    # A sampled reply depends on (messages, seed) only, not on the batch it was asked in.
+    sampled = tiny_chat.complete_many([other, MSG], max_tokens=6, temperature=1.0, seed=1)
+    assert sampled[1] == s1 and sampled[0] == tiny_chat.complete(other, max_tokens=6, temperature=1.0, seed=1)
     with pytest.raises(ValueError, match="role"):
         tiny_chat.complete([{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="context"):

@@ -141,7 +141,7 @@ def _generate_until(n: int, prompts: Sequence[str], make: Any) -> list[Compariso
 
 
 def comparisons_from_pair(pair: Any, prompts: Sequence[str], rm: Any, n: int, *, max_new_tokens: int = 24,
-                          temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[Comparison]:
+                          temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[Comparison]:
     """Base vs tuned responses to the same prompts, ordered by the explicit ``rm`` (ties dropped).
 
     Prompts are answered ``n`` at a time until ``n`` non-tied comparisons are found (ties are common
@@ -161,7 +161,7 @@ def comparisons_from_pair(pair: Any, prompts: Sequence[str], rm: Any, n: int, *,
 
 
 def comparisons_from_model(model: Any, prompts: Sequence[str], rm: Any, n: int, *, max_new_tokens: int = 24,
-                           temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[Comparison]:
+                           temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[Comparison]:
     """Two samples of one model per prompt, ordered by the explicit ``rm`` (ties dropped)."""
     from irm.evaluate import generate
 
