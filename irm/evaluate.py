@@ -176,7 +176,7 @@ def generate(
     out = Generations([], [], [], [], eos)
     try:
         batches = range(0, len(expanded), batch_size)
-        for b, start in enumerate(progress(batches, desc=desc, unit="batch")):
+        for start in progress(batches, desc=desc, unit="batch"):
             chunk = expanded[start : start + batch_size]
             # Same tokenisation as trl's plain-text prompts (the tokenizer's default special tokens).
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
@@ -236,8 +236,12 @@ class RowSampler:
     def processors(cls, keys: Sequence[tuple[int, ...]], device, *, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0):
         """Temperature, top-k, top-p (HF's own warpers, in HF's order), then the per-row Gumbel draw."""
-        from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                                  TopPLogitsWarper)
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         procs: list[Any] = []
         if temperature != 1.0:

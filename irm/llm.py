@@ -303,11 +303,11 @@ class LocalChatLLM:
         the first ``n_prefix`` tokens, which every prompt shares) [prefix, pads, rest] rows whose
         positions skip the pads, so only the rest is run. ``temperature`` None is greedy, else each row
         samples from the stream of its key. Returns the output and the input width."""
-        from irm.evaluate import RowSampler
-
         import copy
 
         import torch
+
+        from irm.evaluate import RowSampler
 
         hf, dev = self.model.hf_model, self.model.device
         pad = self.model.tokenizer.pad_token_id
