@@ -580,7 +580,9 @@ def _prefix_cache_ok(m: LoadedModel, tok: _Tokenized, group: tuple[int, list[int
         log.warning("%s: a cached prefix fails (%s: %s); capturing with full forward passes.",
                     m.identity.spec, type(e).__name__, e)
         return False
-    tol = 1e-3 if m.hf_model.dtype == torch.float32 else 3e-2
+    from irm.models import shared_pass_tolerance
+
+    tol = shared_pass_tolerance(m.hf_model)
     for h in hooks:
         got = torch.cat([pre[h], suf[h]], 1)
         err = float((got - full[h]).abs().max() / full[h].abs().max().clamp_min(1e-12))

@@ -53,6 +53,10 @@ class ModelsConfig:
                       "smollm2-135m-instruct")
     tuned: str | None = _help("Tuned model, same kinds as base. Empty: made by RLHF-tuning base ([tune]).", None)
     dtype: str = _help("Weights dtype: float32, bfloat16 or float16.", "float32")
+    compute_dtype: str = _help("Mixed precision for the analysis stages: 'bfloat16' or 'float16' runs the float32 "
+                               "models' transformer blocks under torch.autocast (2-3x faster matrix products on a "
+                               "CPU with AVX-512 BF16 or a GPU; log-probabilities move by a few hundredths of a "
+                               "nat). 'float32': off. Tuning always trains in dtype.", "float32")
     device: str = _help("'cpu', 'cuda', 'cuda:1' or 'auto'.", "cpu")
     revision: str | None = _help("Hub revision (commit or tag) for hub models.", None)
 
@@ -61,6 +65,12 @@ class ModelsConfig:
             raise ConfigError("[models] base is empty; name a model (e.g. 'smollm2-135m-instruct').")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"[models] dtype {self.dtype!r} is not one of float32, bfloat16, float16.")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"[models] compute_dtype {self.compute_dtype!r} is not one of float32, bfloat16, "
+                              "float16.")
+        if self.compute_dtype != "float32" and self.dtype != "float32":
+            raise ConfigError(f"[models] compute_dtype = {self.compute_dtype!r} needs dtype = 'float32' (weights in "
+                              f"{self.dtype} compute in {self.dtype} already); set one of them.")
 
 
 @dataclass

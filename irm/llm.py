@@ -228,7 +228,9 @@ class LocalChatLLM:
         self.batch_size = int(batch_size)
         self.name = name or f"local:{ident.spec}"
         # The weights fingerprint makes the cache forget replies of a model that was rebuilt or retuned.
-        self.cache_id = f"local:{ident.fingerprint or ident.checkpoint}"
+        # Mixed precision changes replies: its cached replies are kept apart from float32 ones.
+        self.cache_id = f"local:{ident.fingerprint or ident.checkpoint}" + (
+            f":{ident.compute_dtype}" if getattr(ident, "compute_dtype", None) else "")
         # Log-probabilities at the end of recently generated-from prompts: the first step of generation
         # computes exactly what choice_logprobs asks for, so asking for a label's probabilities after
         # generating it costs no second pass over the (often long, few-shot) prompt.
@@ -358,7 +360,9 @@ class LocalChatLLM:
         want = torch.log_softmax(logits.float(), -1)
         got = torch.log_softmax(first_logits.float(), -1)
         err = float((got - want).abs().max())
-        if not err <= (1e-3 if hf.dtype == torch.float32 else 5e-2):
+        from irm.models import shared_pass_tolerance
+
+        if not err <= shared_pass_tolerance(hf):
             log.warning("%s: generation through the shared prompt prefix differs from a plain pass (%.2g); "
                         "generating without it.", self.name, err)
             return False

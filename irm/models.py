@@ -20,6 +20,8 @@ the result (a GGUF-loaded model keeps a ``quantization_config`` that blocks savi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -103,9 +105,15 @@ class ModelIdentity:
     checkpoint: str  # a plain checkpoint directory, or the hub name
     revision: str | None = None  # hub commit, when known
     fingerprint: str | None = None  # sha256 over config and weights of a local checkpoint
+    dtype: str | None = None  # weights dtype, when not float32
+    compute_dtype: str | None = None  # autocast dtype of the transformer blocks (set_compute_dtype), if any
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("dtype", "compute_dtype"):  # left out when unset: float32 identities (and the stores
+            if d[k] is None:                  # and caches keyed on them) stay what they were
+                del d[k]
+        return d
 
 
 @dataclass
@@ -400,8 +408,12 @@ def load_model(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype = "float32",
     revision: str | None = None,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer by spec (see the module docstring)."""
+    """Load a causal LM and its tokenizer by spec (see the module docstring).
+
+    ``compute_dtype`` ("bfloat16"/"float16") runs the transformer blocks of float32 weights in mixed
+    precision (:func:`set_compute_dtype`)."""
     from transformers import AutoModelForCausalLM
 
     kind, ckpt = resolve_checkpoint(spec)
@@ -420,8 +432,84 @@ def load_model(
     model.to(resolve_device(device))
     fingerprint = _fingerprint(Path(ckpt)) if kind != "hub" else None
     rev = revision or getattr(model.config, "_commit_hash", None) if kind == "hub" else None
-    ident = ModelIdentity(spec=str(spec), kind=kind, checkpoint=ckpt, revision=rev, fingerprint=fingerprint)
-    return LoadedModel(hf_model=model, tokenizer=tok, identity=ident)
+    wdtype = _dtype(dtype)
+    ident = ModelIdentity(spec=str(spec), kind=kind, checkpoint=ckpt, revision=rev, fingerprint=fingerprint,
+                          dtype=None if wdtype == torch.float32 else _dtype_name(wdtype))
+    loaded = LoadedModel(hf_model=model, tokenizer=tok, identity=ident)
+    if compute_dtype is not None:
+        set_compute_dtype(loaded, compute_dtype)
+    return loaded
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _decoder_layers(hf_model) -> list[torch.nn.Module]:
+    """The transformer blocks: the first ``ModuleList`` of ``num_hidden_layers`` modules in the model body
+    (the HF blocks themselves where a TransformerBridge has wrapped them)."""
+    n = int(hf_model.config.num_hidden_layers)
+    for mod in hf_model.base_model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            return [getattr(b, "original_component", None) or b for b in mod]
+    raise ValueError(f"Cannot find the {n} transformer blocks of {type(hf_model).__name__} (no ModuleList of "
+                     "that length in its body); compute_dtype needs them.")
+
+
+def set_compute_dtype(model: LoadedModel, compute_dtype: str | torch.dtype | None) -> None:
+    """Run ``model``'s transformer blocks under ``torch.autocast(compute_dtype)``; float32 or None: off.
+
+    Mixed precision for inference: the weights, the residual stream between blocks, the embedding, the
+    final norm and the unembedding (so every log-probability's softmax) stay in the weights' float32;
+    inside a block, matrix products and attention run in ``compute_dtype``. On a CPU with AVX-512 BF16
+    or AMX, or a GPU, bfloat16 makes the model's matrix products 2-3x faster; results then agree with
+    float32 to about bfloat16's precision (log-probabilities to a few hundredths of a nat), so
+    precision-sensitive numbers move slightly. Hooks still see every activation (those the blocks
+    compute in ``compute_dtype`` come out in it). Applies to every forward pass, the bridge's included;
+    do not train a model in this state. The setting is part of the model's identity, so activation
+    stores and LLM reply caches made in float32 are not mixed with mixed-precision ones.
+    """
+    hf = model.hf_model
+    dt = None if compute_dtype is None else _dtype(compute_dtype)
+    if dt is not None and hf.dtype != torch.float32:
+        raise ValueError(f"compute_dtype={_dtype_name(dt)} needs float32 weights, but {model.identity.spec} is "
+                         f"loaded in {_dtype_name(hf.dtype)}, which it computes in already; leave compute_dtype "
+                         "unset, or load the weights in float32.")
+    if dt == torch.float32:
+        dt = None
+    for layer in _decoder_layers(hf):
+        # Instance attributes, set in __dict__ directly: the block's class stays as it is.
+        if "_irm_plain_forward" in layer.__dict__:  # undo an earlier setting
+            plain = layer.__dict__.pop("_irm_plain_forward")
+            if plain is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = plain
+        if dt is None:
+            continue
+        plain = layer.forward
+
+        @functools.wraps(plain)
+        def mixed(*args, _plain=plain, _layer=layer, **kwargs):
+            dev = next(_layer.parameters()).device.type
+            with torch.autocast(device_type=dev, dtype=dt):
+                return _plain(*args, **kwargs)
+
+        layer.__dict__["_irm_plain_forward"] = layer.__dict__.get("forward")  # None: the class's forward
+        layer.__dict__["forward"] = mixed
+    hf._irm_compute_dtype = dt
+    model.identity = dataclasses.replace(model.identity, compute_dtype=None if dt is None else _dtype_name(dt))
+
+
+def compute_dtype(hf_model) -> torch.dtype:
+    """The dtype ``hf_model``'s blocks compute in: its :func:`set_compute_dtype` setting, else its weights'."""
+    return getattr(hf_model, "_irm_compute_dtype", None) or hf_model.dtype
+
+
+def shared_pass_tolerance(hf_model) -> float:
+    """How far a log-probability (or activation) computed through a key/value cache may differ from a full
+    pass before sharing is judged broken: float32 rounding, or half precision's."""
+    return 1e-3 if compute_dtype(hf_model) == torch.float32 else 5e-2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ class RunContext:
         from irm.models import ModelPair, load_model
 
         cfg = self.cfg
-        kw = dict(device=cfg.models.device, dtype=cfg.models.dtype, revision=cfg.models.revision)
+        kw = dict(device=cfg.models.device, dtype=cfg.models.dtype, revision=cfg.models.revision,
+                  compute_dtype=None if cfg.models.compute_dtype == "float32" else cfg.models.compute_dtype)
         if self.base is None:
             self.base = load_model(cfg.models.base, **kw)
         if self.pair is None:

@@ -115,3 +115,66 @@ def test_embedded_smollm2_loads_and_caches_plain_checkpoint(smollm2):
     nxt = smollm2.hf_model(**enc).logits[0, -1].softmax(-1)
     # A real LM: after "The movie was" the top tokens carry real probability mass.
     assert nxt.max() > 0.05
+
+
+def test_compute_dtype_runs_the_blocks_in_mixed_precision_and_is_undone(tmp_path):
+    """bfloat16 autocast inside the blocks only: fp32 weights, residual stream and unembedding; the
+    setting is part of the identity (stores are not mixed) and can be switched off again exactly."""
+    from irm.capture import capture_activations, records_from_texts
+    from irm.models import compute_dtype, set_compute_dtype
+
+    m = load_model("tiny-llama")  # a fresh copy: the setting changes the model object
+    records = records_from_texts(["a great movie", "a dull and boring film", "the plot was fine"])
+    store_kw = dict(hooks=["blocks.{layer}.hook_resid_post"], layers=[0, 1], positions="all", batch_size=2)
+    fp32 = capture_activations({"base": m}, records, tmp_path / "fp32", **store_kw)  # makes the bridge
+    ids = m.tokenizer(["a great movie", "a dull and boring film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = m.hf_model(**ids).logits
+    out_dtypes = []
+    m.hf_model.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, i, o: out_dtypes.append(o.dtype))
+
+    set_compute_dtype(m, "bfloat16")
+    with torch.no_grad():
+        mixed = m.hf_model(**ids).logits
+    assert out_dtypes[-1] == torch.bfloat16  # a block's matrix product ran in bfloat16
+    assert mixed.dtype == torch.float32 and m.hf_model.dtype == torch.float32
+    err = float((mixed - ref).abs().max())
+    assert 0 < err <= 0.05 * float(ref.abs().max())  # bfloat16 keeps 8 bits of mantissa
+    assert compute_dtype(m.hf_model) == torch.bfloat16
+    assert m.identity.compute_dtype == "bfloat16" and m.identity.to_dict()["compute_dtype"] == "bfloat16"
+    # Through the bridge too; a float32 store is not resumed with mixed-precision activations.
+    with pytest.raises(Exception, match="(?i)fingerprint|different|settings"):
+        capture_activations({"base": m}, records, tmp_path / "fp32", **store_kw)
+    bf16 = capture_activations({"base": m}, records, tmp_path / "bf16", **store_kw)
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        a, b = fp32.load("base", hook), bf16.load("base", hook)
+        assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+        assert float((a - b).abs().max()) <= 0.05 * float(a.abs().max())
+
+    # Set at load time, before the bridge exists (the pipeline's order): the same activations.
+    early = load_model("tiny-llama", compute_dtype="bfloat16")
+    from irm.llm import LocalChatLLM
+
+    assert LocalChatLLM(early).cache_id.endswith(":bfloat16")  # its replies are cached apart
+    again = capture_activations({"base": early}, records, tmp_path / "bf16_early", **store_kw)
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        torch.testing.assert_close(again.load("base", hook), bf16.load("base", hook), atol=1e-5, rtol=0)
+
+    set_compute_dtype(m, None)
+    out_dtypes.clear()
+    with torch.no_grad():
+        assert torch.equal(m.hf_model(**ids).logits, ref)
+    assert out_dtypes == [torch.float32] and compute_dtype(m.hf_model) == torch.float32
+    assert "compute_dtype" not in m.identity.to_dict()
+
+
+def test_compute_dtype_needs_float32_weights():
+    from irm.config import ConfigError, ModelsConfig
+
+    with pytest.raises(ValueError, match="float32 weights"):
+        load_model("tiny-llama", dtype="bfloat16", compute_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        ModelsConfig(compute_dtype="int8")
+    with pytest.raises(ConfigError, match="needs dtype = 'float32'"):
+        ModelsConfig(dtype="bfloat16", compute_dtype="bfloat16")
+    assert load_model("tiny-llama", compute_dtype="float32").identity.compute_dtype is None

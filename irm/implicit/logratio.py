@@ -238,7 +238,9 @@ class _Scorer:
         got = {i: self.out[i] for i, _ in probe}
         self.full([i for i, _ in probe])
         err = max(float(np.max(np.abs(got[i] - self.out[i]), initial=0.0)) for i, _ in probe)
-        if not err <= (1e-3 if self.hf.dtype == torch.float32 else 5e-2):
+        from irm.models import shared_pass_tolerance
+
+        if not err <= shared_pass_tolerance(self.hf):
             log.warning("%s: log-probabilities through a shared prefix differ from a full pass by %.2g; "
                         "using full passes.", self.model.identity.spec, err)
             return False
