@@ -580,13 +580,11 @@ def _prefix_cache_ok(m: LoadedModel, tok: _Tokenized, group: tuple[int, list[int
         log.warning("%s: a cached prefix fails (%s: %s); capturing with full forward passes.",
                     m.identity.spec, type(e).__name__, e)
         return False
-    from irm.models import shared_pass_tolerance
+    from irm.models import shared_pass_check
 
-    tol = shared_pass_tolerance(m.hf_model)
     for h in hooks:
-        got = torch.cat([pre[h], suf[h]], 1)
-        err = float((got - full[h]).abs().max() / full[h].abs().max().clamp_min(1e-12))
-        if not err <= tol:
+        ok, err = shared_pass_check(torch.cat([pre[h], suf[h]], 1), full[h], m.hf_model, half=3e-2, relative=True)
+        if not ok:
             log.warning("%s: activations at %s through a cached prefix differ from a full pass by %.2g "
                         "(relative); capturing with full forward passes.", m.identity.spec, h, err)
             return False

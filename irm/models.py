@@ -451,7 +451,7 @@ def _decoder_layers(hf_model) -> list[torch.nn.Module]:
     n = int(hf_model.config.num_hidden_layers)
     for mod in hf_model.base_model.modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
-            return [getattr(b, "original_component", None) or b for b in mod]
+            return [b if getattr(b, "original_component", None) is None else b.original_component for b in mod]
     raise ValueError(f"Cannot find the {n} transformer blocks of {type(hf_model).__name__} (no ModuleList of "
                      "that length in its body); compute_dtype needs them.")
 
@@ -462,12 +462,13 @@ def set_compute_dtype(model: LoadedModel, compute_dtype: str | torch.dtype | Non
     Mixed precision for inference: the weights, the residual stream between blocks, the embedding, the
     final norm and the unembedding (so every log-probability's softmax) stay in the weights' float32;
     inside a block, matrix products and attention run in ``compute_dtype``. On a CPU with AVX-512 BF16
-    or AMX, or a GPU, bfloat16 makes the model's matrix products 2-3x faster; results then agree with
-    float32 to about bfloat16's precision (log-probabilities to a few hundredths of a nat), so
-    precision-sensitive numbers move slightly. Hooks still see every activation (those the blocks
-    compute in ``compute_dtype`` come out in it). Applies to every forward pass, the bridge's included;
-    do not train a model in this state. The setting is part of the model's identity, so activation
-    stores and LLM reply caches made in float32 are not mixed with mixed-precision ones.
+    or AMX, or a GPU, bfloat16 makes matrix products 2-3x faster (whole forward passes of SmolLM2 on a
+    2-core CPU: 1.4-1.9x). Results agree with float32 to about bfloat16's precision: log-probabilities
+    to about 0.02 nats, but small differences, such as tuned - base activations, lose signal. Hooks
+    still see every activation (those the blocks compute in ``compute_dtype`` come out in it). Applies
+    to every forward pass, the bridge's included; do not train a model in this state. The setting is
+    part of the model's identity, so activation stores and LLM reply caches made in float32 are not
+    mixed with mixed-precision ones.
     """
     hf = model.hf_model
     dt = None if compute_dtype is None else _dtype(compute_dtype)
@@ -506,10 +507,26 @@ def compute_dtype(hf_model) -> torch.dtype:
     return getattr(hf_model, "_irm_compute_dtype", None) or hf_model.dtype
 
 
-def shared_pass_tolerance(hf_model) -> float:
-    """How far a log-probability (or activation) computed through a key/value cache may differ from a full
-    pass before sharing is judged broken: float32 rounding, or half precision's."""
-    return 1e-3 if compute_dtype(hf_model) == torch.float32 else 5e-2
+def shared_pass_check(got, want, hf_model, *, half: float = 5e-2, relative: bool = False) -> tuple[bool, float]:
+    """Whether values computed through a shared key/value cache (``got``) reproduce a plain forward pass
+    (``want``); returns (ok, error).
+
+    float32: the largest absolute difference (``relative``: over the largest ``|want|``) must be at most
+    1e-3. Half precision (half-precision weights, or :func:`set_compute_dtype`): rounding alone moves
+    single values a long way (a log-probability by up to 0.3 nats on SmolLM2 in bfloat16, 0.02 on
+    average), so the mean absolute difference (``relative``: over the mean ``|want|``) must be at most
+    ``half``. A mishandled cache (positions ignored, a wrong mask) moves values by whole units.
+    """
+    g = torch.as_tensor(got, dtype=torch.float64).flatten()
+    w = torch.as_tensor(want, dtype=torch.float64).flatten()
+    if not g.numel():
+        return True, 0.0
+    d = (g - w).abs()
+    if compute_dtype(hf_model) == torch.float32:
+        err = float(d.max()) / (max(float(w.abs().max()), 1e-12) if relative else 1.0)
+        return err <= 1e-3, err
+    err = float(d.mean()) / (max(float(w.abs().mean()), 1e-12) if relative else 1.0)
+    return err <= half, err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -349,6 +349,33 @@ def test_shared_prefix_capture_equals_full_passes(which, tiny_base, tiny_tuned, 
             np.testing.assert_array_equal(shared.index()[name], col)
 
 
+@pytest.mark.slow
+def test_shared_prefix_capture_in_mixed_precision(smollm2, tmp_path, monkeypatch, caplog):
+    """bfloat16 compute: the per-shard check allows rounding (mean relative error), so sharing stays on,
+    and the activations stay close to full passes in the same precision."""
+    import irm.capture as cap
+    from irm.implicit.words import word_records
+    from irm.models import set_compute_dtype
+
+    monkeypatch.setattr(cap, "_MIN_PREFIX_SAVING", 1)
+    recs = word_records(["good", "abominable", "heartwarming", "ok", "dreadful", "fine"])
+    kw = dict(hooks=["blocks.5.hook_resid_post", "blocks.29.hook_resid_post"], positions="target", batch_size=4,
+              shard_size=18, logprobs=True)
+    set_compute_dtype(smollm2, "bfloat16")
+    try:
+        full = capture_activations({"base": smollm2}, recs, tmp_path / "full", **kw)
+        with caplog.at_level("WARNING"):
+            shared = capture_activations({"base": smollm2}, recs, tmp_path / "shared", share_prefix=True, **kw)
+        assert "full forward passes" not in caplog.text
+        assert shared.manifest["models"]["base"]["compute_dtype"] == "bfloat16"
+        for h in kw["hooks"]:
+            a, b = shared.load("base", h), full.load("base", h)
+            assert float((a - b).abs().mean() / b.abs().mean()) < 0.03
+        assert float(np.abs(shared.logprobs("base") - full.logprobs("base")).mean()) < 0.1
+    finally:
+        set_compute_dtype(smollm2, None)
+
+
 def test_shared_prefix_falls_back_when_a_model_ignores_the_cache(tiny_base, tmp_path, monkeypatch, caplog):
     """A model whose forward drops past_key_values would give wrong activations through a cached prefix:
     the per-shard check notices, warns, and the capture uses full passes (equal to share_prefix=False)."""

@@ -200,3 +200,32 @@ def test_shared_prefix_scoring_falls_back_when_the_model_mishandles_it(smollm2, 
     assert "using full passes" in caplog.text
     for g, f in zip(got, full, strict=True):
         np.testing.assert_allclose(g, f, atol=1e-4)
+
+
+def test_shared_prefix_scoring_in_mixed_precision(smollm2, monkeypatch, caplog):
+    """bfloat16 compute: rounding moves single log-probabilities by tenths of a nat, which must not switch
+    sharing off; a model that ignores position_ids is still caught."""
+    from irm.implicit import response_logprobs
+    from irm.models import set_compute_dtype
+
+    prompts, responses = _perturbed_texts()
+    set_compute_dtype(smollm2, "bfloat16")
+    try:
+        full = response_logprobs(smollm2, prompts, responses, share_prefix=False)
+        with caplog.at_level("WARNING"):
+            got = response_logprobs(smollm2, prompts, responses)
+        assert "using full passes" not in caplog.text
+        assert float(np.abs(np.concatenate(got) - np.concatenate(full)).mean()) < 0.05
+        base = type(smollm2.hf_model.base_model)
+        real = base.forward
+
+        def no_positions(self, *a, position_ids=None, **k):
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(base, "forward", no_positions)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            response_logprobs(smollm2, prompts, responses)
+        assert "using full passes" in caplog.text
+    finally:
+        set_compute_dtype(smollm2, None)

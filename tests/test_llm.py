@@ -338,3 +338,19 @@ def test_a_wrong_prefix_cache_is_caught_and_generation_falls_back(smollm2, monke
     assert "generating without it" in caplog.text
     monkeypatch.setattr(llm_mod, "_MIN_SHARED_PROMPT", 10**9)
     assert got == LocalChatLLM(smollm2, batch_size=2).complete_many(batch, max_tokens=8)
+
+
+def test_shared_prompt_prefix_survives_mixed_precision(smollm2, caplog):
+    """In bfloat16 compute the check compares the likely first tokens on average, so rounding in the
+    vocabulary's tail does not switch the shared prefix off."""
+    from irm.models import set_compute_dtype
+
+    batch = [_few_shot(f"Q: Is {w!r} positive? A:") for w in ["wonderful", "chair"]]
+    set_compute_dtype(smollm2, "bfloat16")
+    try:
+        llm = LocalChatLLM(smollm2, batch_size=2)
+        with caplog.at_level("WARNING"):
+            replies = llm.complete_many(batch, max_tokens=4)
+        assert all(replies) and "differs from a plain pass" not in caplog.text
+    finally:
+        set_compute_dtype(smollm2, None)

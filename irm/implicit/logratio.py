@@ -237,10 +237,11 @@ class _Scorer:
             return False
         got = {i: self.out[i] for i, _ in probe}
         self.full([i for i, _ in probe])
-        err = max(float(np.max(np.abs(got[i] - self.out[i]), initial=0.0)) for i, _ in probe)
-        from irm.models import shared_pass_tolerance
+        from irm.models import shared_pass_check
 
-        if not err <= shared_pass_tolerance(self.hf):
+        ok, err = shared_pass_check(np.concatenate([got[i] for i, _ in probe]),
+                                    np.concatenate([self.out[i] for i, _ in probe]), self.hf)
+        if not ok:
             log.warning("%s: log-probabilities through a shared prefix differ from a full pass by %.2g; "
                         "using full passes.", self.model.identity.spec, err)
             return False
