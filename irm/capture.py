@@ -569,18 +569,21 @@ def _prefix_cache_ok(m: LoadedModel, tok: _Tokenized, group: tuple[int, list[int
     A model whose forward ignores or mishandles ``past_key_values`` would otherwise give wrong
     activations silently; this costs two short forward passes per shard.
     """
+    from irm.models import float32_compute, shared_pass_check
+
     c, members = group
     ids = torch.tensor([tok.ids[members[0]]])
-    full = _forward_hooks(m, ids, torch.ones_like(ids), hooks, stop_layer, recorder)
-    try:
-        cache = _new_cache(m)
-        pre = _forward_hooks(m, ids[:, :c], torch.ones_like(ids[:, :c]), hooks, stop_layer, recorder, past=cache)
-        suf = _forward_hooks(m, ids[:, c:], torch.ones_like(ids), hooks, stop_layer, recorder, past=cache)
-    except Exception as e:  # noqa: BLE001 - any failure means: do not share prefixes with this model
-        log.warning("%s: a cached prefix fails (%s: %s); capturing with full forward passes.",
-                    m.identity.spec, type(e).__name__, e)
-        return False
-    from irm.models import shared_pass_check
+    with float32_compute(m.hf_model):  # a model in mixed precision is checked exactly
+        full = _forward_hooks(m, ids, torch.ones_like(ids), hooks, stop_layer, recorder)
+        try:
+            cache = _new_cache(m)
+            pre = _forward_hooks(m, ids[:, :c], torch.ones_like(ids[:, :c]), hooks, stop_layer, recorder,
+                                 past=cache)
+            suf = _forward_hooks(m, ids[:, c:], torch.ones_like(ids), hooks, stop_layer, recorder, past=cache)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not share prefixes with this model
+            log.warning("%s: a cached prefix fails (%s: %s); capturing with full forward passes.",
+                        m.identity.spec, type(e).__name__, e)
+            return False
 
     for h in hooks:
         ok, err = shared_pass_check(torch.cat([pre[h], suf[h]], 1), full[h], m.hf_model, half=3e-2, relative=True)

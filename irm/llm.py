@@ -283,6 +283,9 @@ class LocalChatLLM:
                 f"{self.name}: a prompt of {longest} tokens plus max_tokens={max_tokens} exceeds the "
                 f"model's context of {n_ctx} tokens; shorten the messages or lower max_tokens."
             )
+        from irm.models import compute_dtype
+
+        mixed = compute_dtype(hf) != hf.dtype  # set_compute_dtype: the prefix check runs in float32
         prefix = _common_prefix(ids_all) if len(texts) > 1 else []
         cache = self._prefill(prefix) if len(prefix) >= _MIN_SHARED_PROMPT else None
         for b, start in enumerate(range(0, len(texts), self.batch_size)):
@@ -291,7 +294,8 @@ class LocalChatLLM:
             res = width = None
             if cache is not None:
                 res, width = self._generate(chunk_ids, gen_cfg, rows, sampler, cache, len(prefix))
-                if b == 0 and not self._prefix_ok(chunk_ids[0], res.logits[0][0]):
+                if b == 0 and not (self._prefix_ok_in_float32(chunk_ids[0], prefix, gen_cfg) if mixed
+                                   else self._prefix_ok(chunk_ids[0], res.logits[0][0])):
                     cache, res = None, None
             if res is None:
                 res, width = self._generate(chunk_ids, gen_cfg, rows, sampler)
@@ -349,6 +353,22 @@ class LocalChatLLM:
             return None
         return cache
 
+    def _prefix_ok_in_float32(self, ids: list[int], prefix: list[int], gen_cfg) -> bool:
+        """:meth:`_prefix_ok` for a model in mixed precision: the prefix cache and one generation step
+        redone in float32 (:func:`irm.models.float32_compute`), so the check stays exact."""
+        import copy
+
+        from irm.models import float32_compute
+
+        one = copy.deepcopy(gen_cfg)
+        one.max_new_tokens = 1
+        with float32_compute(self.model.hf_model):
+            cache = self._prefill(prefix)
+            if cache is None:
+                return False
+            res, _ = self._generate([ids], one, [(0, 0, 0)], None, cache, len(prefix))
+            return self._prefix_ok(ids, res.logits[0][0])
+
     def _prefix_ok(self, ids: list[int], first_logits) -> bool:
         """The first generated step through the shared-prefix cache against a plain forward pass of the
         same prompt (once per call): a model that mishandles the cache falls back to plain batches."""
@@ -357,13 +377,10 @@ class LocalChatLLM:
         hf, dev = self.model.hf_model, self.model.device
         with torch.no_grad():
             logits = hf(input_ids=torch.tensor([ids], device=dev), logits_to_keep=1).logits[0, -1]
-        from irm.models import compute_dtype, shared_pass_check
+        from irm.models import shared_pass_check
 
         want = torch.log_softmax(logits.float(), -1)
         got = torch.log_softmax(first_logits.float().to(want.device), -1)
-        if compute_dtype(hf) != torch.float32:  # half precision: the likely tokens (the tail is all rounding)
-            top = want.topk(min(20, want.numel())).indices
-            got, want = got[top], want[top]
         ok, err = shared_pass_check(got, want, hf)
         if not ok:
             log.warning("%s: generation through the shared prompt prefix differs from a plain pass (%.2g); "

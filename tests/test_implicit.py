@@ -204,7 +204,7 @@ def test_shared_prefix_scoring_falls_back_when_the_model_mishandles_it(smollm2, 
 
 def test_shared_prefix_scoring_in_mixed_precision(smollm2, monkeypatch, caplog):
     """bfloat16 compute: rounding moves single log-probabilities by tenths of a nat, which must not switch
-    sharing off; a model that ignores position_ids is still caught."""
+    sharing off (the check runs in float32); a model that ignores position_ids is still caught."""
     from irm.implicit import response_logprobs
     from irm.models import set_compute_dtype
 

@@ -340,9 +340,9 @@ def test_a_wrong_prefix_cache_is_caught_and_generation_falls_back(smollm2, monke
     assert got == LocalChatLLM(smollm2, batch_size=2).complete_many(batch, max_tokens=8)
 
 
-def test_shared_prompt_prefix_survives_mixed_precision(smollm2, caplog):
-    """In bfloat16 compute the check compares the likely first tokens on average, so rounding in the
-    vocabulary's tail does not switch the shared prefix off."""
+def test_shared_prompt_prefix_survives_mixed_precision(smollm2, monkeypatch, caplog):
+    """In bfloat16 compute the prefix check runs in float32 (exact), so rounding does not switch the shared
+    prefix off, and a wrong cache is still caught."""
     from irm.models import set_compute_dtype
 
     batch = [_few_shot(f"Q: Is {w!r} positive? A:") for w in ["wonderful", "chair"]]
@@ -352,5 +352,10 @@ def test_shared_prompt_prefix_survives_mixed_precision(smollm2, caplog):
         with caplog.at_level("WARNING"):
             replies = llm.complete_many(batch, max_tokens=4)
         assert all(replies) and "differs from a plain pass" not in caplog.text
+        real = LocalChatLLM._prefill
+        monkeypatch.setattr(LocalChatLLM, "_prefill", lambda self, prefix: real(self, prefix[::-1]))  # wrong cache
+        with caplog.at_level("WARNING"):
+            LocalChatLLM(smollm2, batch_size=2).complete_many(batch, max_tokens=4)
+        assert "differs from a plain pass" in caplog.text  # still caught in bfloat16
     finally:
         set_compute_dtype(smollm2, None)

@@ -59,8 +59,13 @@ def response_logprobs(
     scorer = _Scorer(model, ids_of, targets_of)
     plan = _share_plan(ids_of) if share_prefix and len(texts) > 1 else []
     shared = {j for _, members in plan for j, _ in members}
-    if plan and not scorer.check_shared(plan[0]):
-        plan, shared = [], set()
+    if plan:
+        from irm.models import float32_compute
+
+        with float32_compute(model.hf_model):  # exact for a model in mixed precision; redone below in it
+            ok = scorer.check_shared(plan[0])
+        if not ok:
+            plan, shared = [], set()
     rest = [i for i in range(len(texts)) if i not in shared]
     for b0 in range(0, len(rest), batch_size):  # texts that share no prefix: left-padded full passes
         scorer.full(sorted(rest, key=lambda i: len(ids_of[i]))[b0 : b0 + batch_size])
