@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import re
 import shutil
@@ -52,6 +53,7 @@ from irm.constants import (
 from irm.log import get_logger, progress
 from irm.models import LoadedModel
 from irm.store import ActivationStore, activation_key, file_sha256, logprob_key, write_json_atomic
+from irm.threads import ModelThreads
 
 __all__ = [
     "CaptureRecord",
@@ -361,8 +363,9 @@ def capture_activations(
     if all(li is not None for li in layers_of) and not logprobs:
         stop_layer = max(li for li in layers_of if li is not None) + 1
 
-    bar = progress(total=sum(min(shard_size, n - i * shard_size) for i in todo),
-                   desc=f"capture {'+'.join(roles)}", unit="text")
+    # One step is one text through one model.
+    bar = progress(total=len(roles) * sum(min(shard_size, n - i * shard_size) for i in todo),
+                   desc=f"capture {'+'.join(roles)}", unit="pass")
     d_of: dict[str, int] = {}
     for k, i in enumerate(todo):
         if _stop_after_shards is not None and k >= _stop_after_shards:
@@ -442,12 +445,13 @@ def _capture_shard(
     rec_hooks = list(hooks) + ([_FINAL_NORM_HOOK] if logprobs and _FINAL_NORM_HOOK not in hooks else [])
 
     def keep(role: str, m: LoadedModel, batch: list[int], acts: dict[str, Tensor], ids: Tensor,
-             offsets: list[int]) -> None:
-        """Store one batch's rows; row ``r`` holds text ``batch[r]`` from column ``offsets[r]`` on."""
+             offsets: list[int], shared: Tensor | None = None) -> None:
+        """Store one batch's rows; row ``r`` holds text ``batch[r]`` from column ``offsets[r]`` on
+        (``shared``: the log-softmax at a prefix every row shares, see _response_logprobs)."""
         if logprobs:
             assert tok.response is not None
             lp = _response_logprobs(m, acts[_FINAL_NORM_HOOK], ids,
-                                    [tok.response[j] + o for j, o in zip(batch, offsets, strict=True)])
+                                    [tok.response[j] + o for j, o in zip(batch, offsets, strict=True)], shared)
             lp_text[logprob_key(role)].update(zip(batch, lp, strict=True))
         for h in hooks:
             x = acts[h]
@@ -464,36 +468,40 @@ def _capture_shard(
             rest, groups = sorted(j for _, g in groups for j in g) + rest, []
         # Sort the texts by length so batches carry little padding; rows go back in dataset order.
         order = sorted(rest, key=lambda j: len(tok.ids[j]))
-        for b0 in range(0, len(order), batch_size):
-            batch = order[b0 : b0 + batch_size]
-            lens = [len(tok.ids[j]) for j in batch]
-            width = max(lens)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, j in enumerate(batch):
-                ids[r, width - lens[r]:] = torch.tensor(tok.ids[j])
-                mask[r, width - lens[r]:] = 1
-            for role, m in models.items():
+        batches = [order[b0 : b0 + batch_size] for b0 in range(0, len(order), batch_size)]
+
+        def run(role: str, m: LoadedModel) -> None:
+            """Every batch of the shard through one model (the models run side by side on a CPU)."""
+            for batch in batches:
+                lens = [len(tok.ids[j]) for j in batch]
+                width = max(lens)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, j in enumerate(batch):
+                    ids[r, width - lens[r]:] = torch.tensor(tok.ids[j])
+                    mask[r, width - lens[r]:] = 1
                 acts = _forward_hooks(m, ids, mask, rec_hooks, stop_layer, recorders[role])
                 keep(role, m, batch, acts, ids, [width - n_ for n_ in lens])
-            bar.update(len(batch))
-        for c, members in groups:
-            prefix = torch.tensor([tok.ids[members[0]][:c]])
-            caches, pre = {}, {}
-            for role, m in models.items():
-                caches[role] = _new_cache(m)
-                pre[role] = _forward_hooks(m, prefix, torch.ones_like(prefix), rec_hooks, stop_layer,
-                                           recorders[role], past=caches[role])
-            members = sorted(members, key=lambda j: len(tok.ids[j]))
-            for b0 in range(0, len(members), batch_size):
-                batch = members[b0 : b0 + batch_size]
-                ids, mask = _right_padded([tok.ids[j] for j in batch], pad_id)  # [B, c + L]: prefix, rest, pads
-                for role, m in models.items():
-                    acts = _forward_hooks(m, ids[:, c:], mask, rec_hooks, stop_layer, recorders[role],
-                                          past=_expand_cache(caches[role], len(batch)))
-                    acts = {h: torch.cat([pre[role][h].expand(len(batch), -1, -1), x], 1) for h, x in acts.items()}
-                    keep(role, m, batch, acts, ids, [0] * len(batch))
                 bar.update(len(batch))
+            for c, members in groups:
+                prefix = torch.tensor([tok.ids[members[0]][:c]])
+                cache = _new_cache(m)
+                pre = _forward_hooks(m, prefix, torch.ones_like(prefix), rec_hooks, stop_layer, recorders[role],
+                                     past=cache)
+                # The prefix's next-token distributions, unembedded once for all of its texts.
+                shared = _log_softmax_at(m, pre[_FINAL_NORM_HOOK][0]) if logprobs else None
+                members = sorted(members, key=lambda j: len(tok.ids[j]))
+                for b0 in range(0, len(members), batch_size):
+                    batch = members[b0 : b0 + batch_size]
+                    ids, mask = _right_padded([tok.ids[j] for j in batch], pad_id)  # [B, c + L]: prefix, rest, pads
+                    acts = _forward_hooks(m, ids[:, c:], mask, rec_hooks, stop_layer, recorders[role],
+                                          past=_expand_cache(cache, len(batch)))
+                    acts = {h: torch.cat([pre[h].expand(len(batch), -1, -1), x], 1) for h, x in acts.items()}
+                    keep(role, m, batch, acts, ids, [0] * len(batch), shared)
+                    bar.update(len(batch))
+
+        with ModelThreads(list(models.values())) as side_by_side:
+            side_by_side.map([functools.partial(run, role, m) for role, m in models.items()])
     out: dict[str, Tensor] = {}
     for key, d in per_text.items():
         out[key] = torch.cat([d[j] for j in idx]).to(store_dtype).contiguous()
@@ -597,16 +605,35 @@ def _prefix_cache_ok(m: LoadedModel, tok: _Tokenized, group: tuple[int, list[int
 _FINAL_NORM_HOOK = "ln_final.hook_out"  # what the unembedding reads
 
 
-def _response_logprobs(m: LoadedModel, final: Tensor, ids: Tensor, positions: list[np.ndarray]) -> list[float]:
+def _log_softmax_at(m: LoadedModel, h: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Unembed final-norm outputs ``h`` [n, d]: ``log p(targets)`` [n], or the whole log-softmax [n, vocab]."""
+    unembed = m.hf_model.get_output_embeddings()
+    logits = unembed(h.to(device=unembed.weight.device, dtype=unembed.weight.dtype)).float()
+    if targets is None:
+        return logits - torch.logsumexp(logits, -1, keepdim=True)
+    return logits.gather(-1, targets.to(logits.device)[:, None])[:, 0] - torch.logsumexp(logits, -1)
+
+
+def _response_logprobs(m: LoadedModel, final: Tensor, ids: Tensor, positions: list[np.ndarray],
+                       shared: Tensor | None = None) -> list[float]:
     """Per row, ``sum log p(ids[p] | ids[:p])`` over ``positions`` from the final-norm output ``final``;
-    the unembedding runs only at the positions that predict them."""
+    the unembedding runs only at the positions that predict them.
+
+    ``shared`` ([c, vocab]): the log-softmax at the first ``c`` positions, which every row shares (a
+    prefix run once): a target predicted from there is looked up, not unembedded again. For the IRM's
+    word templates that is every word's first token.
+    """
     rows = torch.tensor(np.concatenate([np.full(len(p), r) for r, p in enumerate(positions)]), dtype=torch.long)
     cols = torch.from_numpy(np.concatenate(positions).astype(np.int64))
-    unembed = m.hf_model.get_output_embeddings()
-    h = final[rows, cols - 1].to(device=unembed.weight.device, dtype=unembed.weight.dtype)
-    logits = unembed(h).float()
-    targets = ids[rows, cols].to(logits.device)
-    lp = (logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().cpu()
+    targets = ids[rows, cols]
+    lp = torch.empty(len(cols), dtype=torch.float64)
+    in_shared = (cols - 1 < shared.shape[0]) if shared is not None else torch.zeros(len(cols), dtype=torch.bool)
+    if in_shared.any():
+        assert shared is not None
+        lp[in_shared] = shared[cols[in_shared] - 1, targets[in_shared].to(shared.device)].double().cpu()
+    rest = ~in_shared
+    if rest.any():
+        lp[rest] = _log_softmax_at(m, final[rows[rest], cols[rest] - 1], targets[rest]).double().cpu()
     sums = torch.zeros(len(positions), dtype=torch.float64).index_add_(0, rows, lp)
     if not torch.isfinite(sums).all():
         raise FloatingPointError(f"Non-finite log-probabilities from {m.identity.spec!r}; check weights and dtype.")

@@ -21,6 +21,7 @@ was loaded ready-made (``ModelPair.load("EleutherAI/pythia-70m",
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from irm.constants import BASE, ROLES, TUNED
 from irm.log import get_logger, progress
+from irm.threads import ModelThreads, run_side_by_side
 
 __all__ = [
     "Generations",
@@ -281,19 +283,22 @@ def completion_kl(
     dev_t = next(tuned_model.parameters()).device
     dev_b = next(base_model.parameters()).device
     out: list[np.ndarray] = []
-    for start in range(0, len(gens), batch_size):
-        rows = [p + c for p, c in zip(gens.prompt_ids[start : start + batch_size],
-                                      gens.completion_ids[start : start + batch_size])]
-        ids, mask = _right_padded(rows, pad_token_id, dev_t)
-        lt = tuned_model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        lb = base_model(input_ids=ids.to(dev_b), attention_mask=mask.to(dev_b)).logits.float()
-        lb = lb.log_softmax(-1).to(dev_t)
-        kl = (lt.exp() * (lt - lb)).sum(-1)  # [batch, pos]: KL of the next-token distributions
-        for i in range(len(rows)):
-            n_p = len(gens.prompt_ids[start + i])
-            n_c = len(gens.completion_ids[start + i])
-            # Position t predicts token t+1: completion token j is predicted at position n_p - 1 + j.
-            out.append(kl[i, n_p - 1 : n_p - 1 + n_c].double().cpu().numpy())
+    with ModelThreads([tuned_model, base_model]) as side_by_side:  # both models at once on a CPU
+        for start in range(0, len(gens), batch_size):
+            rows = [p + c for p, c in zip(gens.prompt_ids[start : start + batch_size],
+                                          gens.completion_ids[start : start + batch_size])]
+            ids, mask = _right_padded(rows, pad_token_id, dev_t)
+            ids_b, mask_b = ids.to(dev_b), mask.to(dev_b)
+            lt, lb = side_by_side.map([
+                lambda: tuned_model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1),  # noqa: B023
+                lambda: base_model(input_ids=ids_b, attention_mask=mask_b).logits.float().log_softmax(-1),  # noqa: B023
+            ])
+            kl = (lt.exp() * (lt - lb.to(dev_t))).sum(-1)  # [batch, pos]: KL of the next-token distributions
+            for i in range(len(rows)):
+                n_p = len(gens.prompt_ids[start + i])
+                n_c = len(gens.completion_ids[start + i])
+                # Position t predicts token t+1: completion token j is predicted at position n_p - 1 + j.
+                out.append(kl[i, n_p - 1 : n_p - 1 + n_c].double().cpu().numpy())
     return out
 
 
@@ -474,8 +479,12 @@ def evaluate_pair(
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
     gens: dict[str, Generations] = {}
     rewards: dict[str, np.ndarray] = {}
-    for role, m in pair:
-        gens[role] = generate(m.hf_model, m.tokenizer, prompts, desc=f"generate ({role})", **gen_kw)
+    roles = [(role, m) for role, m in pair]
+    # Both models generate at the same time on a CPU (irm.threads); sampling is per row, so the same.
+    done = run_side_by_side([functools.partial(generate, m.hf_model, m.tokenizer, prompts, desc=f"generate ({role})",
+                                               **gen_kw) for role, m in roles], [m for _, m in roles])
+    for (role, _), g in zip(roles, done, strict=True):
+        gens[role] = g
         r = np.asarray(rm(gens[role].prompts, gens[role].completions), dtype=np.float64)
         if r.shape != (len(gens[role]),) or not np.all(np.isfinite(r)):
             raise ValueError(

@@ -148,12 +148,15 @@ def comparisons_from_pair(pair: Any, prompts: Sequence[str], rm: Any, n: int, *,
     for a lexicon RM on short texts), using at most ``3 n`` prompts.
     """
     from irm.evaluate import generate
+    from irm.threads import run_side_by_side
 
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
 
     def make(chunk: list[str], offset: int) -> list[Comparison]:
-        base = generate(pair.base.hf_model, pair.base.tokenizer, chunk, desc="contrastive: base", **kw)
-        tuned = generate(pair.tuned.hf_model, pair.tuned.tokenizer, chunk, desc="contrastive: tuned", **kw)
+        base, tuned = run_side_by_side(  # at the same time on a CPU (irm.threads)
+            [lambda: generate(pair.base.hf_model, pair.base.tokenizer, chunk, desc="contrastive: base", **kw),
+             lambda: generate(pair.tuned.hf_model, pair.tuned.tokenizer, chunk, desc="contrastive: tuned", **kw)],
+            [pair.base, pair.tuned])
         return order_by_rm(chunk, base.completions, tuned.completions, rm,
                            ids=[f"pair-{offset + i}" for i in range(len(chunk))])
 

@@ -264,8 +264,12 @@ def token_log_ratios(
     pair, prompts: Sequence[str], responses: Sequence[str], *, beta: float = 1.0, **kw
 ) -> list[np.ndarray]:
     """``beta * (log p_tuned - log p_base)`` of every response token: one array per response."""
-    lt = response_logprobs(pair.tuned, prompts, responses, **kw)
-    lb = response_logprobs(pair.base, prompts, responses, **kw)
+    from irm.threads import run_side_by_side
+
+    # The two models at the same time on a CPU (irm.threads); one after the other elsewhere.
+    lt, lb = run_side_by_side([lambda: response_logprobs(pair.tuned, prompts, responses, **kw),
+                               lambda: response_logprobs(pair.base, prompts, responses, **kw)],
+                              [pair.tuned, pair.base])
     return [beta * (a - b) for a, b in zip(lt, lb, strict=True)]
 
 
