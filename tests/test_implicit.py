@@ -9,6 +9,7 @@ the fit words must recover the planted ranking of the held-out words.
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -164,21 +165,78 @@ def test_shared_prefix_scoring_equals_full_passes(which, tiny_base, request):
     """Texts that begin like an anchor run only their own tokens on its cache: same numbers as full passes,
     in any batch size."""
     from irm.implicit import response_logprobs
-    from irm.implicit.logratio import _share_plan
+    from irm.implicit.logratio import _MIN_SHARED, _ShareTree
 
     m = tiny_base if which == "tiny" else request.getfixturevalue("smollm2")
     prompts, responses = _perturbed_texts()
     ids = [m.tokenizer(p + r).input_ids for p, r in zip(prompts, responses)]
-    plan = _share_plan(ids)
-    assert plan and sum(len(ms) for _, ms in plan) >= 5  # the test exercises sharing
-    if which == "smollm2":  # the unperturbed response is the anchor of its perturbations
-        assert 0 in {a for a, _ in plan}
+    tree = _ShareTree(ids)
+    assert tree.n_shared >= 5 and max(tree.depth) >= 2  # the test exercises sharing, over several levels
+    rank = {i: k for k, i in enumerate(tree.order)}
+    for i, p in enumerate(tree.parent):  # shared: the longest beginning in common with an earlier text
+        best = max((len(os.path.commonprefix([ids[i], ids[j]])) for j in range(len(ids)) if rank[j] < rank[i]),
+                   default=0)
+        best = min(best, len(ids[i]) - 1)  # at least one token of its own to run
+        assert tree.shared[i] == (best if best >= _MIN_SHARED else 0)
+        if p >= 0:
+            assert rank[p] < rank[i] and ids[i][: tree.shared[i]] == ids[p][: tree.shared[i]]
+            assert tree.depth[i] == tree.depth[p] + 1 and i in tree.children[p]
     full = response_logprobs(m, prompts, responses, batch_size=3, share_prefix=False)
     for bs in (1, 3, 16):
         got = response_logprobs(m, prompts, responses, batch_size=bs)
         for g, f in zip(got, full, strict=True):
             assert g.shape == f.shape and len(g) > 0
             np.testing.assert_allclose(g, f, atol=1e-4)
+
+
+def test_share_tree_runs_in_chunks_of_whole_subtrees(tiny_base, monkeypatch):
+    """Scoring holds the caches of one chunk at a time: chunks are whole subtrees (a child never lands
+    in another chunk than its parent), and chunked scoring gives the numbers of unchunked scoring."""
+    import irm.implicit.logratio as lr
+    from irm.implicit import response_logprobs
+
+    prompts, responses = _perturbed_texts()
+    prompts, responses = prompts * 2, [r + (" yes" if k else "") for k in range(2) for r in responses]
+    ids = [tiny_base.tokenizer(p + r).input_ids for p, r in zip(prompts, responses)]
+    tree = lr._ShareTree(ids)
+    chunks = tree.chunks(4)
+    assert len(chunks) > 1 and sorted(i for c in chunks for i in c) == list(range(len(ids)))
+    where = {i: k for k, c in enumerate(chunks) for i in c}
+    assert all(where[i] == where[p] for i, p in enumerate(tree.parent) if p >= 0)
+    whole = response_logprobs(tiny_base, prompts, responses, batch_size=4)
+    monkeypatch.setattr(lr, "_CHUNK_TEXTS", 4)
+    chunked = response_logprobs(tiny_base, prompts, responses, batch_size=4)
+    full = response_logprobs(tiny_base, prompts, responses, batch_size=4, share_prefix=False)
+    for a, b, c in zip(chunked, whole, full, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, c, atol=1e-4)
+
+
+def test_batches_cut_by_length_at_the_least_cost():
+    """Scoring batches: every text once, at most max_batch rows, and the cheapest cut of the sorted
+    lengths (rows x longest row, plus a fixed cost per forward call), checked against brute force."""
+    import itertools
+
+    from irm.implicit.logratio import _CALL_COST_TOKENS, _batches
+
+    def cost(batches, lens, call):
+        return sum(call + len(b) * max(lens[i] for i in b) for b in batches)
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(1, 9))
+        lens = [int(x) for x in rng.integers(1, 60, n)]
+        got = _batches(list(range(n)), lens, 4, "cpu")
+        assert sorted(i for b in got for i in b) == list(range(n)) and all(len(b) <= 4 for b in got)
+        srt = sorted(range(n), key=lambda i: lens[i])
+        best = min(cost([srt[a:b] for a, b in zip((0, *cuts), (*cuts, n))], lens, _CALL_COST_TOKENS)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                   if all(b - a <= 4 for a, b in zip((0, *cuts), (*cuts, n))))
+        assert cost(got, lens, _CALL_COST_TOKENS) == best
+    lens = [1] * 32 + [40] * 32  # short and long texts: apart on a CPU, one full batch on a GPU
+    assert sorted(len(b) for b in _batches(list(range(64)), lens, 64, "cpu")) == [32, 32]
+    assert [len(b) for b in _batches(list(range(64)), lens, 64, "cuda")] == [64]
+    assert sorted(len(b) for b in _batches(list(range(70)), [9] * 70, 32, "cpu")) == [6, 32, 32]  # equal: full
 
 
 def test_shared_prefix_scoring_falls_back_when_the_model_mishandles_it(smollm2, monkeypatch, caplog):

@@ -12,7 +12,7 @@ IRM has to beat.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,10 +41,11 @@ def response_logprobs(
     ``model`` is an :class:`irm.models.LoadedModel`. A token belongs to the response if it covers any
     character of the response (the prompt's tokenisation is not assumed to be a prefix).
 
-    ``share_prefix`` (default): texts that begin with the same tokens as an earlier "anchor" text (the
-    perturbations of one response, the responses to one prompt) run only their remaining tokens, on
-    the anchor's key/value cache. Equal to separate passes to float precision; the first shared batch
-    is checked against a full pass, and a model that does not reproduce it is scored without sharing.
+    ``share_prefix`` (default): a text that begins with the same tokens as another one (the
+    perturbations of one response, the responses to one prompt) runs only its remaining tokens, on
+    the other's key/value cache (:class:`_ShareTree`), so every shared beginning is computed once.
+    Equal to separate passes to float precision; a small subtree is first checked against full
+    passes, and a model that does not reproduce them is scored without sharing.
     """
     tok = model.tokenizer
     texts = [p + r for p, r in zip(prompts, responses, strict=True)]
@@ -57,32 +58,58 @@ def response_logprobs(
         in_resp[0] = False  # the first token has no context to be predicted from
         targets_of.append(np.nonzero(in_resp)[0])
     scorer = _Scorer(model, ids_of, targets_of)
-    plan = _share_plan(ids_of) if share_prefix and len(texts) > 1 else []
-    shared = {j for _, members in plan for j, _ in members}
-    if plan:
+    tree = _ShareTree(ids_of) if share_prefix and len(texts) > 1 else None
+    if tree is not None and tree.n_shared:
         from irm.models import float32_compute
 
         with float32_compute(model.hf_model):  # exact for a model in mixed precision; redone below in it
-            ok = scorer.check_shared(plan[0])
+            ok = scorer.check_shared(tree)
         if not ok:
-            plan, shared = [], set()
-    rest = [i for i in range(len(texts)) if i not in shared]
-    for b0 in range(0, len(rest), batch_size):  # texts that share no prefix: left-padded full passes
-        scorer.full(sorted(rest, key=lambda i: len(ids_of[i]))[b0 : b0 + batch_size])
-    # Anchors in groups of batch_size, each followed by the members that reuse their cache.
-    for g0 in range(0, len(plan), batch_size):
-        group = plan[g0 : g0 + batch_size]
-        cache, hidden, lp_at = scorer.anchors([a for a, _ in group])
-        members = [(j, k, c) for k, (_, ms) in enumerate(group) for j, c in ms]
-        members.sort(key=lambda m: len(ids_of[m[0]]) - m[2])  # by tokens left to run: little padding
-        for b0 in range(0, len(members), batch_size):
-            scorer.members(members[b0 : b0 + batch_size], cache, hidden, lp_at)
+            tree = None
+    if tree is None or not tree.n_shared:
+        for batch in _batches(list(range(len(texts))), [len(x) for x in ids_of], batch_size, model.device):
+            scorer.full(batch)  # left-padded full passes
+        return scorer.out
+    for chunk in tree.chunks(_CHUNK_TEXTS):
+        scorer.run_tree(tree, chunk, batch_size)
     return scorer.out
 
 
-# A text reuses an anchor's cache when they share at least this many leading tokens.
-_MIN_SHARED = 8
-_MAX_CANDIDATES = 64  # anchor candidates tried per cluster and round (bounds the quadratic search)
+# A text runs on an earlier text's cache when they share at least this many leading tokens.
+_MIN_SHARED = 4
+# Texts whose caches may be held at once: the tree is run in chunks of whole subtrees of about this size.
+_CHUNK_TEXTS = 1024
+
+
+def _batches(items: list[int], n_tokens: Sequence[int] | Mapping[int, int], max_batch: int, device) -> list[list[int]]:
+    """``items`` cut into batches of at most ``max_batch`` that waste little on padding.
+
+    Sorted by length, a batch costs its rows x its longest row in token passes plus a fixed cost per
+    forward call; the cheapest contiguous cut is found by dynamic programming. On a CPU a call of
+    SmolLM2 costs about as much as 20 tokens (40 ms against 1.9 ms per token, measured), so a batch is
+    split where its rows differ by more than that; on a GPU a call costs far more than a token, so
+    batches stay full.
+    """
+    call = _CALL_COST_TOKENS if torch.device(device).type == "cpu" else 100 * _CALL_COST_TOKENS
+    order = sorted(items, key=lambda i: n_tokens[i])
+    lens = [n_tokens[i] for i in order]
+    n = len(order)
+    cost = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):  # cost[j]: the first j items; the last batch is order[i:j], longest lens[j - 1]
+        for i in range(max(0, j - max_batch), j):
+            c = cost[i] + call + lens[j - 1] * (j - i)
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
+
+
+# What a forward call costs beyond its tokens, in token passes (see _batches).
+_CALL_COST_TOKENS = 16
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -93,41 +120,58 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
-def _share_plan(ids_of: list[list[int]]) -> list[tuple[int, list[tuple[int, int]]]]:
-    """``[(anchor, [(member, shared_len), ...])]``, the texts that run on an anchor's cache.
+class _ShareTree:
+    """Which text runs on which earlier text's key/value cache: a prefix tree over the token ids.
 
-    Sorted by token ids, texts fall into clusters whose neighbours share ``_MIN_SHARED`` tokens. In a
-    cluster the anchor is the text that shares the most tokens with the others (for perturbations of
-    one response: the unperturbed response); texts sharing ``_MIN_SHARED`` tokens with it join it,
-    and the rest of the cluster is searched again. Texts left out run as plain passes.
+    In sorted order a text shares the most leading tokens with any earlier text exactly with its
+    predecessor (``L`` tokens). Its *parent* is the first text of the run of neighbours that all share
+    those ``L`` tokens; it runs only its tokens after them, on the parent's cache. Every token that
+    two texts share at the start is then computed once (with at least one token of each text left to
+    run, and ``L >= _MIN_SHARED``). A parent is always earlier in sorted order and shares fewer tokens
+    with its own parent, so the texts run level by level: roots (full passes), their children, ...
+    A subtree is a contiguous run of the sorted order that starts at its root.
     """
-    order = sorted(range(len(ids_of)), key=lambda i: ids_of[i])
-    clusters: list[list[int]] = []
-    for i in order:
-        if clusters and _lcp(ids_of[clusters[-1][-1]], ids_of[i]) >= _MIN_SHARED:
-            clusters[-1].append(i)
-        else:
-            clusters.append([i])
 
-    def shared(a: int, b: int) -> int:  # at least one token of b's own is left to run
-        return min(_lcp(ids_of[a], ids_of[b]), len(ids_of[b]) - 1)
+    def __init__(self, ids_of: list[list[int]]) -> None:
+        n = len(ids_of)
+        self.order = sorted(range(n), key=lambda i: ids_of[i])
+        self.parent = [-1] * n
+        self.shared = [0] * n
+        self.depth = [0] * n
+        self.children: list[list[int]] = [[] for _ in range(n)]
+        # lcp_prev[k]: tokens that order[k] shares with order[k - 1]
+        lcp_prev = [0] + [_lcp(ids_of[self.order[k - 1]], ids_of[self.order[k]]) for k in range(1, n)]
+        for k in range(1, n):
+            i = self.order[k]
+            shared = min(lcp_prev[k], len(ids_of[i]) - 1)
+            if shared < _MIN_SHARED:
+                continue
+            t = k - 1  # walk back to the first text of the run sharing `shared` tokens
+            while t > 0 and lcp_prev[t] >= shared:
+                t -= 1
+            p = self.order[t]
+            self.parent[i], self.shared[i], self.depth[i] = p, shared, self.depth[p] + 1
+            self.children[p].append(i)
+        self.n_shared = sum(1 for p in self.parent if p >= 0)
 
-    plan = []
-    for remaining in clusters:
-        while len(remaining) >= 2:
-            step = max(1, len(remaining) // _MAX_CANDIDATES)
-            best, best_saving = remaining[0], -1
-            for a in remaining[::step]:
-                saving = sum(n for b in remaining if b != a and (n := shared(a, b)) >= _MIN_SHARED)
-                if saving > best_saving:
-                    best, best_saving = a, saving
-            members = [(b, n) for b in remaining if b != best and (n := shared(best, b)) >= _MIN_SHARED]
-            if not members:
-                break
-            plan.append((best, members))
-            taken = {best, *(b for b, _ in members)}
-            remaining = [b for b in remaining if b not in taken]
-    return plan
+    def chunks(self, max_texts: int) -> list[list[int]]:
+        """Whole subtrees, in sorted order, grouped into chunks of about ``max_texts`` texts."""
+        out: list[list[int]] = [[]]
+        for i in self.order:
+            if self.parent[i] < 0 and len(out[-1]) >= max_texts:
+                out.append([])
+            out[-1].append(i)
+        return out
+
+
+class _State:
+    """What a text's children need of it: key/value cache and final hidden states at every position, and
+    its log-probabilities by position."""
+
+    __slots__ = ("kv", "hidden", "lp_at")
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], hidden: torch.Tensor, lp_at: dict[int, float]):
+        self.kv, self.hidden, self.lp_at = kv, hidden, lp_at
 
 
 class _Scorer:
@@ -183,9 +227,31 @@ class _Scorer:
         w = ids.shape[1]
         self._score([(i, h[r, w - len(self.ids_of[i]):]) for r, i in enumerate(batch)])
 
-    def anchors(self, batch: list[int]):
-        """Right-padded full passes of the anchors (a row's positions are then 0..n-1, as its members
-        expect); returns their key/value cache and final hidden states."""
+    def run_tree(self, tree: _ShareTree, texts: list[int], batch_size: int) -> None:
+        """Score ``texts`` (whole subtrees of ``tree``) level by level; a level's states are dropped once
+        the next level has run."""
+        texts_set = set(texts)
+        lengths = [len(x) for x in self.ids_of]
+        roots = [i for i in texts if tree.parent[i] < 0]
+        lone = [i for i in roots if not tree.children[i]]
+        for batch in _batches(lone, lengths, batch_size, self.dev):  # no children: plain left-padded passes
+            self.full(batch)
+        level = [i for i in roots if tree.children[i]]
+        states: dict[int, _State] = {}
+        for batch in _batches(level, lengths, batch_size, self.dev):
+            states.update(self.anchors(batch, keep=set(level)))
+        while level:
+            level = [c for i in level for c in tree.children[i] if c in texts_set]
+            keep = {i for i in level if tree.children[i]}
+            left = {i: lengths[i] - tree.shared[i] for i in level}  # tokens each runs itself
+            nxt: dict[int, _State] = {}
+            for batch in _batches(level, left, batch_size, self.dev):
+                nxt.update(self.members([(i, states[tree.parent[i]], tree.shared[i]) for i in batch], keep=keep))
+            states = nxt
+
+    def anchors(self, batch: list[int], keep: set[int]) -> dict[int, _State]:
+        """Right-padded full passes (a row's positions are then 0..n-1, as its children expect); returns
+        the states of the texts in ``keep``."""
         from transformers import DynamicCache
 
         ids, mask = self._padded([self.ids_of[i] for i in batch], left=False)
@@ -193,20 +259,34 @@ class _Scorer:
         h = self.hf.base_model(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), past_key_values=cache,
                                use_cache=True).last_hidden_state
         self._score([(i, h[r, : len(self.ids_of[i])]) for r, i in enumerate(batch)])
-        # Per anchor row: log-probabilities by position, which members copy inside their shared prefix.
-        lp_at = [dict(zip(self.targets_of[i].tolist(), self.out[i].tolist(), strict=True)) for i in batch]
-        return cache, h, lp_at
+        layers = _cache_layers(cache)
+        out = {}
+        for r, i in enumerate(batch):
+            if i in keep:
+                n = len(self.ids_of[i])
+                out[i] = _State([(k_[r, :, :n].clone(), v_[r, :, :n].clone()) for k_, v_ in layers],
+                                h[r, :n].clone(), self._lp_at(i))
+        return out
 
-    def members(self, batch: list[tuple[int, int, int]], cache, hidden, lp_at: list[dict[int, float]]) -> None:
-        """Texts ``(i, anchor row k, shared length c)``: row r attends to its anchor's first c positions
-        (the cache, cut at the batch's largest c, with the rest masked) and runs only its own tokens."""
+    def _lp_at(self, i: int) -> dict[int, float]:
+        return dict(zip(self.targets_of[i].tolist(), self.out[i].tolist(), strict=True))
+
+    def members(self, batch: list[tuple[int, _State, int]], keep: set[int]) -> dict[int, _State]:
+        """Texts ``(i, parent state, shared length c)``: row r attends to its parent's first c positions
+        (a cache padded to the batch's largest c, the rest masked) and runs only its own tokens. Returns
+        the states of the texts in ``keep``."""
         from transformers import DynamicCache
 
         big_c = max(c for _, _, c in batch)
-        rows = torch.tensor([k for _, k, _ in batch], device=hidden.device)
         sub = DynamicCache(config=self.hf.config)
-        for layer, (k_, v_) in enumerate(_cache_layers(cache)):
-            sub.update(k_[rows, :, :big_c], v_[rows, :, :big_c], layer)
+        n_layers = len(batch[0][1].kv)
+        for layer in range(n_layers):
+            k0, v0 = batch[0][1].kv[layer]
+            ks = k0.new_zeros((len(batch), k0.shape[0], big_c, k0.shape[-1]))
+            vs = v0.new_zeros((len(batch), v0.shape[0], big_c, v0.shape[-1]))
+            for r, (_, st, c) in enumerate(batch):
+                ks[r, :, :c], vs[r, :, :c] = st.kv[layer][0][:, :c], st.kv[layer][1][:, :c]
+            sub.update(ks, vs, layer)
         tails = [self.ids_of[i][c:] for i, _, c in batch]
         ids, tail_mask = self._padded(tails, left=False)
         mask = torch.zeros((len(batch), big_c + ids.shape[1]), dtype=torch.long)
@@ -217,35 +297,56 @@ class _Scorer:
             pos[r] = c + torch.arange(ids.shape[1])
         h = self.hf.base_model(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev),
                                position_ids=pos.to(self.dev), past_key_values=sub, use_cache=True).last_hidden_state
-        # A token inside the shared prefix (position < c) has the anchor's log-probability: same context,
+        # A token inside the shared prefix (position < c) has the parent's log-probability: same context,
         # same token. Only the rest is unembedded.
-        known = [{p: v for p, v in lp_at[k].items() if p < c} for _, k, c in batch]
-        self._score([(i, torch.cat([hidden[k, :c], h[r, : len(self.ids_of[i]) - c]]))
-                     for r, (i, k, c) in enumerate(batch)], known)
+        hidden = [torch.cat([st.hidden[:c], h[r, : len(self.ids_of[i]) - c]]) for r, (i, st, c) in enumerate(batch)]
+        known = [{p: v for p, v in st.lp_at.items() if p < c} for _, st, c in batch]
+        self._score([(i, hidden[r]) for r, (i, _, _) in enumerate(batch)], known)
+        out = {}
+        if keep.intersection(i for i, _, _ in batch):
+            layers = _cache_layers(sub)
+            for r, (i, _, c) in enumerate(batch):
+                if i in keep:
+                    n_own = len(self.ids_of[i]) - c
+                    out[i] = _State([(torch.cat([k_[r, :, :c], k_[r, :, big_c : big_c + n_own]], 1),
+                                      torch.cat([v_[r, :, :c], v_[r, :, big_c : big_c + n_own]], 1))
+                                     for k_, v_ in layers], hidden[r], self._lp_at(i))
+        return out
 
-    def check_shared(self, entry: tuple[int, list[tuple[int, int]]]) -> bool:
-        """A few members through their anchor's cache, in one batch (so rows with different shared
-        lengths, hence masked cache positions and shifted ``position_ids``), against their own full
-        passes: False (with a warning) if this model does not reproduce them, e.g. one whose forward
-        ignores ``position_ids`` or the cache."""
-        a, ms = entry
-        ms = sorted(ms, key=lambda m: m[1])
-        probe = list({c: (i, c) for i, c in ms}.values())[:4]  # distinct shared lengths first
-        # The anchor itself, sharing all but its last token: the widest cache, so other rows have holes.
-        probe.append((a, len(self.ids_of[a]) - 1))
+    def check_shared(self, tree: _ShareTree) -> bool:
+        """A small subtree (a root, children with different shared lengths, a grandchild, and the root
+        again sharing all but its last token, so other rows have masked cache positions) through the
+        tree's path, against full passes: False (with a warning) if this model does not reproduce them,
+        e.g. one whose forward ignores ``position_ids`` or the cache."""
+        root = next(i for i in tree.order if tree.parent[i] < 0 and tree.children[i])
+        kids = list({tree.shared[c]: c for c in tree.children[root]}.values())[:3]
+        grand = [g for c in tree.children[root] for g in tree.children[c]][:1]
+        picked = [root, *kids, *[tree.parent[g] for g in grand if tree.parent[g] not in kids], *grand]
+        ids = [self.ids_of[i] for i in picked] + [self.ids_of[root]]
+        targets = [self.targets_of[i] for i in picked] + [self.targets_of[root]]
+        sub = _ShareTree.__new__(_ShareTree)
+        n = len(ids)
+        sub.order, sub.parent, sub.shared = list(range(n)), [-1] * n, [0] * n
+        sub.depth, sub.children = [0] * n, [[] for _ in range(n)]
+        for k, i in enumerate(picked[1:], start=1):
+            p = picked.index(tree.parent[i])
+            sub.parent[k], sub.shared[k] = p, tree.shared[i]
+            sub.children[p].append(k)
+        sub.parent[n - 1], sub.shared[n - 1] = 0, len(ids[0]) - 1
+        sub.children[0].append(n - 1)
+        sub.n_shared = n - 1
+        via_tree = _Scorer(self.model, ids, targets)
         try:
-            cache, hidden, lp_at = self.anchors([a])
-            self.members([(i, 0, c) for i, c in probe], cache, hidden, lp_at)
+            via_tree.run_tree(sub, list(range(n)), batch_size=n)
         except Exception as e:  # noqa: BLE001 - any failure means: score without sharing
             log.warning("%s: scoring through a shared prefix fails (%s: %s); using full passes.",
                         self.model.identity.spec, type(e).__name__, e)
             return False
-        got = {i: self.out[i] for i, _ in probe}
-        self.full([i for i, _ in probe])
+        plain = _Scorer(self.model, ids, targets)
+        plain.full(list(range(n)))
         from irm.models import shared_pass_check
 
-        ok, err = shared_pass_check(np.concatenate([got[i] for i, _ in probe]),
-                                    np.concatenate([self.out[i] for i, _ in probe]), self.hf)
+        ok, err = shared_pass_check(np.concatenate(via_tree.out), np.concatenate(plain.out), self.hf)
         if not ok:
             log.warning("%s: log-probabilities through a shared prefix differ from a full pass by %.2g; "
                         "using full passes.", self.model.identity.spec, err)
