@@ -112,9 +112,11 @@ def _counts(y: np.ndarray, p: np.ndarray) -> dict[str, int]:
 
 
 def _cv_predict(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold ridge predictions (GCV alpha inside each fold) for ``y`` [n] or [n, k] (each column
+    its own alpha; the folds' eigendecompositions are shared by the columns)."""
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(y))
-    out = np.empty(len(y))
+    out = np.empty(y.shape)
     for k in range(folds):
         te = idx[k::folds]
         tr = np.setdiff1d(idx, te)
@@ -152,18 +154,23 @@ def reconstruct(data: WordData, *, n_boot: int = 1000, seed: int = 0, folds: int
             "probe:triple_lexsign": (triple_lex, True),
             "ceiling": (u, True),
         }
-        for fname in feature_sets:
-            X = fs[fname]
-            for kind, (target, supervised) in targets.items():
-                probe = RidgeProbe(alpha="auto").fit(X[fit], target[fit])
-                pred = probe.predict(X)
-                cv = _cv_predict(X[fit], target[fit], folds, seed)
-                add(f"{kind}/{fname}/{hook}", kind, pred, cv, features=fname, hook=hook, supervised=supervised)
         # The control: probes on base activations fitted to the base's own preference.
-        X = fs["base"]
-        probe = RidgeProbe(alpha="auto").fit(X[fit], base_pref[fit])
-        add(f"control:probe/base/{hook}", "control", probe.predict(X), _cv_predict(X[fit], base_pref[fit], folds, seed),
-            features="base", hook=hook)
+        control = None
+        for fname in [*feature_sets, *(["base"] if "base" not in feature_sets else [])]:
+            X = fs[fname]
+            # Every target of these features in one multi-output fit: each column gets its own GCV alpha,
+            # the same solution as fitting it alone, but one eigendecomposition per fold serves them all.
+            cols = list(targets.items()) if fname in feature_sets else []
+            Y = np.stack([t for _, (t, _) in cols] + ([base_pref] if fname == "base" else []), 1)
+            pred = RidgeProbe(alpha="auto").fit(X[fit], Y[fit]).predict(X)
+            cv = _cv_predict(X[fit], Y[fit], folds, seed)
+            for j, (kind, (_, supervised)) in enumerate(cols):
+                add(f"{kind}/{fname}/{hook}", kind, pred[:, j], cv[:, j], features=fname, hook=hook,
+                    supervised=supervised)
+            if fname == "base":
+                control = (pred[:, -1], cv[:, -1])
+        assert control is not None
+        add(f"control:probe/base/{hook}", "control", *control, features="base", hook=hook)
     return results
 
 
