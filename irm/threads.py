@@ -5,7 +5,7 @@ small model (hundreds of rows of width 576 on SmolLM2) that split wastes a fifth
 base and the tuned model of a pair never depend on each other, so where both run on the same inputs
 (log-ratio scoring, capture, generation, the KL of the evaluation) they run at the same time instead,
 in two Python threads, each with its share of torch's threads. torch releases the GIL inside its
-operators, so the two passes overlap. On the 2-core CPU of our benchmarks this gives 1.16-1.30x the
+operators, so the two passes overlap. On the 2-core CPU of our benchmarks this gives 1.2-1.7x the
 throughput of running them one after the other (``benchmarks/bench_threads.py``). The passes are the
 same, in the same order; only torch's thread count per pass differs, which in a few CPU kernels changes
 the order of a sum: values move by float rounding (about 1e-7 relative). On the default experiment
