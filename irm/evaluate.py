@@ -37,6 +37,7 @@ from torch import Tensor
 
 from irm.constants import BASE, ROLES, TUNED
 from irm.log import get_logger, progress
+from irm.models import unwrapped
 from irm.threads import ModelThreads, run_side_by_side
 
 __all__ = [
@@ -177,26 +178,27 @@ def generate(
     model.eval()
     out = Generations([], [], [], [], eos)
     try:
-        batches = range(0, len(expanded), batch_size)
-        for start in progress(batches, desc=desc, unit="batch"):
-            chunk = expanded[start : start + batch_size]
-            # Same tokenisation as trl's plain-text prompts (the tokenizer's default special tokens).
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            kw = {} if greedy else {"logits_processor": RowSampler.processors(
-                keys[start : start + len(chunk)], device, temperature=temperature, top_k=top_k, top_p=top_p)}
-            seqs = model.generate(**enc, generation_config=gen_cfg, **kw)
-            width = enc["input_ids"].shape[1]
-            for i in range(len(chunk)):
-                mask = enc["attention_mask"][i].bool()
-                out.prompt_ids.append(enc["input_ids"][i][mask].tolist())
-                comp = seqs[i, width:].tolist()
-                # Cut after the first end-of-sequence token; what follows is padding.
-                for j, t in enumerate(comp):
-                    if t in eos:
-                        comp = comp[: j + 1]
-                        break
-                out.completion_ids.append(comp)
-            out.prompts.extend(chunk)
+        with unwrapped(model):  # no TransformerBridge wrappers: generation needs no hook
+            batches = range(0, len(expanded), batch_size)
+            for start in progress(batches, desc=desc, unit="batch"):
+                chunk = expanded[start : start + batch_size]
+                # Same tokenisation as trl's plain-text prompts (the tokenizer's default special tokens).
+                enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+                kw = {} if greedy else {"logits_processor": RowSampler.processors(
+                    keys[start : start + len(chunk)], device, temperature=temperature, top_k=top_k, top_p=top_p)}
+                seqs = model.generate(**enc, generation_config=gen_cfg, **kw)
+                width = enc["input_ids"].shape[1]
+                for i in range(len(chunk)):
+                    mask = enc["attention_mask"][i].bool()
+                    out.prompt_ids.append(enc["input_ids"][i][mask].tolist())
+                    comp = seqs[i, width:].tolist()
+                    # Cut after the first end-of-sequence token; what follows is padding.
+                    for j, t in enumerate(comp):
+                        if t in eos:
+                            comp = comp[: j + 1]
+                            break
+                    out.completion_ids.append(comp)
+                out.prompts.extend(chunk)
     finally:
         model.train(was_training)
     out.completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
@@ -283,7 +285,8 @@ def completion_kl(
     dev_t = next(tuned_model.parameters()).device
     dev_b = next(base_model.parameters()).device
     out: list[np.ndarray] = []
-    with ModelThreads([tuned_model, base_model]) as side_by_side:  # both models at once on a CPU
+    # Both models at once on a CPU; no TransformerBridge wrappers (no hook is needed).
+    with ModelThreads([tuned_model, base_model]) as side_by_side, unwrapped(tuned_model), unwrapped(base_model):
         for start in range(0, len(gens), batch_size):
             rows = [p + c for p, c in zip(gens.prompt_ids[start : start + batch_size],
                                           gens.completion_ids[start : start + batch_size])]

@@ -252,6 +252,13 @@ class LocalChatLLM:
     def complete_many(
         self, batch: Sequence[list[Message]], *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0
     ) -> list[str]:
+        from irm.models import unwrapped
+
+        with unwrapped(self.model.hf_model):  # no TransformerBridge wrappers: generation needs no hook
+            return self._complete_many(batch, max_tokens=max_tokens, temperature=temperature, seed=seed)
+
+    def _complete_many(self, batch: Sequence[list[Message]], *, max_tokens: int, temperature: float,
+                       seed: int) -> list[str]:
         from transformers import GenerationConfig
 
         _check_params(max_tokens, temperature, seed)
@@ -391,6 +398,12 @@ class LocalChatLLM:
     def choice_logprobs(self, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:
         """Log-probability of each choice's first token as the reply's first token (see
         :func:`choice_logprobs`); left-padded batches of ``batch_size``."""
+        from irm.models import unwrapped
+
+        with unwrapped(self.model.hf_model):
+            return self._choice_logprobs(batch, choices)
+
+    def _choice_logprobs(self, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:
         import torch
 
         tok = self.model.tokenizer

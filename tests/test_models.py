@@ -100,6 +100,65 @@ def test_bridge_matches_hf_and_is_made_once(tiny_base):
         make_bridge(tiny_base.hf_model, tiny_base.tokenizer, "x")
 
 
+def _tree(hf):
+    return [(name, id(mod)) for name, mod in hf.named_modules()]
+
+
+def test_unwrapped_runs_the_hf_modules_and_puts_the_bridge_back():
+    """Inside ``unwrapped`` no bridge wrapper is in the module tree and the model computes as the plain HF
+    model; on exit (also after an error) every wrapper is back in its place and the hooks fire again."""
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    from irm.models import unwrapped
+
+    m, plain = load_model("tiny-llama"), load_model("tiny-llama")  # fresh copies: a bridge changes the model
+    ids = m.tokenizer(["a great movie", "a dull and boring film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = plain.hf_model(**ids).logits
+        with unwrapped(m.hf_model):  # no bridge yet: nothing to swap
+            assert torch.equal(m.hf_model(**ids).logits, ref)
+    bridge = m.bridge
+    before = _tree(m.hf_model)
+    n_params = len(list(m.hf_model.parameters()))
+    assert any(isinstance(x, GeneralizedComponent) for x in m.hf_model.modules())
+    with torch.no_grad(), unwrapped(m.hf_model) as hf:
+        assert hf is m.hf_model
+        assert not any(isinstance(x, GeneralizedComponent) for x in hf.modules())
+        assert [type(x) for x in hf.modules()] == [type(x) for x in plain.hf_model.modules()]
+        assert len(list(hf.parameters())) == n_params  # the same parameter objects, none copied
+        with unwrapped(hf):  # re-entrant: the inner exit leaves it unwrapped
+            pass
+        assert not any(isinstance(x, GeneralizedComponent) for x in hf.modules())
+        out = hf(**ids).logits
+    mask = ids.attention_mask.bool()
+    assert torch.equal(out[mask], ref[mask])
+    assert _tree(m.hf_model) == before
+    with pytest.raises(KeyError), unwrapped(m.hf_model):
+        raise KeyError("boom")
+    assert _tree(m.hf_model) == before
+    _, cache = bridge.run_with_cache(ids.input_ids[:1], names_filter="blocks.1.hook_resid_post")
+    assert "blocks.1.hook_resid_post" in cache  # the bridge works and its hooks fire again
+
+
+def test_unwrapped_keeps_mixed_precision_and_float32_compute():
+    from irm.models import float32_compute, set_compute_dtype, unwrapped
+
+    m, plain = load_model("tiny-llama"), load_model("tiny-llama")
+    m.bridge
+    ids = m.tokenizer(["a great movie"], return_tensors="pt")
+    with torch.no_grad():
+        ref = plain.hf_model(**ids).logits
+        set_compute_dtype(m, "bfloat16")
+        set_compute_dtype(plain, "bfloat16")
+        want = plain.hf_model(**ids).logits
+        with unwrapped(m.hf_model):
+            got = m.hf_model(**ids).logits
+            with float32_compute(m.hf_model):
+                exact = m.hf_model(**ids).logits
+    assert not torch.equal(want, ref) and torch.equal(got, want)
+    assert torch.equal(exact, ref)
+
+
 @pytest.mark.slow
 def test_embedded_smollm2_loads_and_caches_plain_checkpoint(smollm2):
     assert smollm2.identity.kind == "embedded"

@@ -47,6 +47,15 @@ def response_logprobs(
     Equal to separate passes to float precision; a small subtree is first checked against full
     passes, and a model that does not reproduce them is scored without sharing.
     """
+    from irm.models import unwrapped
+
+    with unwrapped(model.hf_model):  # no TransformerBridge wrappers: scoring needs no hook
+        return _response_logprobs(model, prompts, responses, batch_size=batch_size, max_length=max_length,
+                                  share_prefix=share_prefix)
+
+
+def _response_logprobs(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
+                       max_length: int, share_prefix: bool) -> list[np.ndarray]:
     tok = model.tokenizer
     texts = [p + r for p, r in zip(prompts, responses, strict=True)]
     enc = tok(texts, add_special_tokens=True, truncation=True, max_length=max_length, return_offsets_mapping=True)
