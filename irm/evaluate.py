@@ -21,10 +21,13 @@ was loaded ready-made (``ModelPair.load("EleutherAI/pythia-70m",
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import math
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +40,12 @@ from torch import Tensor
 
 from irm.constants import BASE, ROLES, TUNED
 from irm.log import get_logger, progress
-from irm.models import unwrapped
+from irm.models import compute_dtype, unwrapped
 from irm.threads import ModelThreads, run_side_by_side
 
 __all__ = [
     "Generations",
+    "GenerationMemo",
     "generate",
     "RowSampler",
     "completion_kl",
@@ -119,6 +123,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     desc: str = "generate",
+    memo: GenerationMemo | None = None,
 ) -> Generations:
     """Sample completions, left-padded and batched, with attention masks; reproducible from ``seed``.
 
@@ -130,6 +135,10 @@ def generate(
     numbers); and the caller's global RNG is left untouched. ``temperature == 0`` means greedy
     decoding. The sampling settings are passed as a fresh ``GenerationConfig``, so a checkpoint's own
     ``generation_config`` (e.g. a repetition penalty) cannot silently change what is measured.
+
+    ``memo`` (a :class:`GenerationMemo`): completions of the same model, prompt, sample number, seed and
+    sampling settings that it holds are reused (cut to ``max_new_tokens``) or, if shorter and unfinished,
+    continued from where they stopped instead of sampled again from the start.
 
     >>> gens = generate(model, tok, ["The movie was"], max_new_tokens=8, n_samples_per_prompt=4)
     >>> len(gens), gens.completions[0]
@@ -174,35 +183,130 @@ def generate(
         seen[p] = seen.get(p, -1) + 1
         keys.append((seed, text_key(p), seen[p]))
     device = next(model.parameters()).device
+    n = len(expanded)
+    prompt_ids: list[list[int]] = [[] for _ in range(n)]
+    comps: list[list[int] | None] = [None] * n
+    known: dict[int, list[int]] = {}  # row -> the tokens a memo holds, to be continued
+    settings = (0.0 if greedy else float(temperature), int(top_k), float(top_p), eos)
+    memo_keys = [(settings, key[0], p, key[2]) for key, p in zip(keys, expanded, strict=True)]
+    if memo is not None:
+        for r, hit in enumerate(memo.lookup(model, tokenizer, memo_keys)):
+            if hit is None:
+                continue
+            prompt_ids[r], done = hit
+            if len(done) >= max_new_tokens or (done and done[-1] in eos):
+                comps[r] = done[:max_new_tokens]
+            else:  # unfinished: every step of it drew once from the row's stream
+                known[r] = done
+    # Jobs: batches of rows sampled from their prompt, then of rows continued after the same number of steps.
+    fresh = [r for r in range(n) if comps[r] is None and r not in known]
+    jobs = [(0, fresh[i : i + batch_size]) for i in range(0, len(fresh), batch_size)]
+    by_steps: dict[int, list[int]] = {}
+    for r, done in known.items():
+        by_steps.setdefault(len(done), []).append(r)
+    for steps, rows in sorted(by_steps.items()):
+        jobs += [(steps, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     was_training = model.training
     model.eval()
-    out = Generations([], [], [], [], eos)
     try:
         with unwrapped(model):  # no TransformerBridge wrappers: generation needs no hook
-            batches = range(0, len(expanded), batch_size)
-            for start in progress(batches, desc=desc, unit="batch"):
-                chunk = expanded[start : start + batch_size]
-                # Same tokenisation as trl's plain-text prompts (the tokenizer's default special tokens).
-                enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            for steps, rows in progress(jobs, desc=desc, unit="batch"):
+                if steps == 0:
+                    # Same tokenisation as trl's plain-text prompts (the tokenizer's default special tokens).
+                    enc = tokenizer([expanded[r] for r in rows], return_tensors="pt", padding=True)
+                    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                    cfg = gen_cfg
+                else:
+                    ids, mask = _left_padded([prompt_ids[r] + known[r] for r in rows], tokenizer.pad_token_id, device)
+                    cfg = copy.deepcopy(gen_cfg)
+                    cfg.max_new_tokens = int(max_new_tokens) - steps
                 kw = {} if greedy else {"logits_processor": RowSampler.processors(
-                    keys[start : start + len(chunk)], device, temperature=temperature, top_k=top_k, top_p=top_p)}
-                seqs = model.generate(**enc, generation_config=gen_cfg, **kw)
-                width = enc["input_ids"].shape[1]
-                for i in range(len(chunk)):
-                    mask = enc["attention_mask"][i].bool()
-                    out.prompt_ids.append(enc["input_ids"][i][mask].tolist())
+                    [keys[r] for r in rows], device, temperature=temperature, top_k=top_k, top_p=top_p, skip=steps)}
+                seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, **kw)
+                width = ids.shape[1]
+                for i, r in enumerate(rows):
                     comp = seqs[i, width:].tolist()
                     # Cut after the first end-of-sequence token; what follows is padding.
                     for j, t in enumerate(comp):
                         if t in eos:
                             comp = comp[: j + 1]
                             break
-                    out.completion_ids.append(comp)
-                out.prompts.extend(chunk)
+                    if steps == 0:
+                        prompt_ids[r] = ids[i][mask[i].bool()].tolist()
+                        comps[r] = comp
+                    else:
+                        comps[r] = known[r] + comp
     finally:
         model.train(was_training)
+    completion_ids = [c if c is not None else [] for c in comps]
+    if memo is not None:
+        memo.store(model, tokenizer, memo_keys, prompt_ids, completion_ids)
+    out = Generations(list(expanded), [], prompt_ids, completion_ids, eos)
     out.completions = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     return out
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class GenerationMemo:
+    """Completions already sampled, for :func:`generate` to reuse or continue.
+
+    A run samples the same prompts more than once: the evaluation draws ``max_new_tokens`` (20) tokens
+    per held-out prompt, the contrastive stage 24 from the same prompts with the same seed, so from the
+    same per-row random streams (:class:`RowSampler`). Given a memo, ``generate`` cuts a completion the
+    memo holds to its ``max_new_tokens``, and continues a shorter unfinished one (its context is the
+    prompt and the tokens so far; its stream skips the draws those steps made), instead of sampling
+    from the start. The tokens are those a fresh call samples, up to float noise of the forward pass
+    (the known tokens run as one prefill instead of step by step), as for any change of batch.
+
+    Entries belong to one model object and are dropped when its weights change (any in-place update,
+    e.g. an optimizer step), its compute dtype changes or another tokenizer is used; a key holds the
+    prompt, the sample number, the seed and the sampling settings. A memo lives as long as a run.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[int, tuple[Any, tuple, dict]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _state(model, tokenizer) -> tuple:
+        version = sum(int(p._version) for p in model.parameters())
+        return (version, str(compute_dtype(model)), str(next(model.parameters()).device),
+                getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+
+    def _entries(self, model, tokenizer) -> dict:
+        state = self._state(model, tokenizer)
+        with self._lock:
+            slot = self._models.get(id(model))
+            if slot is None or slot[0]() is not model or slot[1] != state:
+                slot = (weakref.ref(model), state, {})
+                self._models[id(model)] = slot
+            return slot[2]
+
+    def lookup(self, model, tokenizer, keys: Sequence[tuple]) -> list[tuple[list[int], list[int]] | None]:
+        """(prompt ids, completion ids) per key, or None."""
+        entries = self._entries(model, tokenizer)
+        return [entries.get(k) for k in keys]
+
+    def store(self, model, tokenizer, keys: Sequence[tuple], prompt_ids: Sequence[list[int]],
+              completion_ids: Sequence[list[int]]) -> None:
+        """Remember completions (a longer one replaces a shorter one of the same key)."""
+        entries = self._entries(model, tokenizer)
+        for k, p, c in zip(keys, prompt_ids, completion_ids, strict=True):
+            old = entries.get(k)
+            if old is None or len(c) > len(old[1]):
+                entries[k] = (list(p), list(c))
+
+    def __len__(self) -> int:
+        return sum(len(slot[2]) for slot in self._models.values())
 
 
 def text_key(text: str) -> int:
@@ -220,17 +324,22 @@ class RowSampler:
     (:meth:`processors`), under ``do_sample=False``.
     """
 
-    def __init__(self, keys: Sequence[tuple[int, ...]], device) -> None:
+    def __init__(self, keys: Sequence[tuple[int, ...]], device, *, skip: int = 0) -> None:
         device = torch.device(device)
         self.gens = []
         for key in keys:
             g = torch.Generator(device=device)
             g.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1))
             self.gens.append(g)
+        self.skip = int(skip)  # steps already drawn (a continued completion): replayed on the first call
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if scores.shape[0] != len(self.gens):
             raise RuntimeError(f"RowSampler was made for {len(self.gens)} rows but got scores for {scores.shape[0]}.")
+        for g in self.gens if self.skip else ():
+            for _ in range(self.skip):  # one vocabulary-sized draw per step, as the steps themselves made
+                torch.rand(scores.shape[1], generator=g, device=scores.device, dtype=torch.float32)
+        self.skip = 0
         noise = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device, dtype=torch.float32)
                              for g in self.gens])
         gumbel = -torch.log(-torch.log(noise.clamp_min(torch.finfo(torch.float32).tiny)))
@@ -238,8 +347,9 @@ class RowSampler:
 
     @classmethod
     def processors(cls, keys: Sequence[tuple[int, ...]], device, *, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0):
-        """Temperature, top-k, top-p (HF's own warpers, in HF's order), then the per-row Gumbel draw."""
+                   top_p: float = 1.0, skip: int = 0):
+        """Temperature, top-k, top-p (HF's own warpers, in HF's order), then the per-row Gumbel draw
+        (``skip``: the streams start after that many steps' draws)."""
         from transformers import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -254,7 +364,7 @@ class RowSampler:
             procs.append(TopKLogitsWarper(int(top_k)))
         if top_p < 1.0:
             procs.append(TopPLogitsWarper(float(top_p)))
-        return LogitsProcessorList([*procs, cls(keys, device)])
+        return LogitsProcessorList([*procs, cls(keys, device, skip=skip)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,17 +402,31 @@ def completion_kl(
                                           gens.completion_ids[start : start + batch_size])]
             ids, mask = _right_padded(rows, pad_token_id, dev_t)
             ids_b, mask_b = ids.to(dev_b), mask.to(dev_b)
+            # Position t predicts token t+1: completion token j is predicted at position n_p - 1 + j. Only
+            # the positions that predict a completion token are unembedded (not the prompts').
+            n_ps = [len(p) for p in gens.prompt_ids[start : start + batch_size]]
+            lo = min(n_ps) - 1
+            keep = torch.arange(lo, max(len(r) for r in rows) - 1)
             lt, lb = side_by_side.map([
-                lambda: tuned_model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1),  # noqa: B023
-                lambda: base_model(input_ids=ids_b, attention_mask=mask_b).logits.float().log_softmax(-1),  # noqa: B023
+                lambda: _logits_at(tuned_model, ids, mask, keep).float().log_softmax(-1),  # noqa: B023
+                lambda: _logits_at(base_model, ids_b, mask_b, keep).float().log_softmax(-1),  # noqa: B023
             ])
-            kl = (lt.exp() * (lt - lb.to(dev_t))).sum(-1)  # [batch, pos]: KL of the next-token distributions
+            kl = (lt.exp() * (lt - lb.to(dev_t))).sum(-1)  # [batch, kept pos]: KL of the next-token distributions
             for i in range(len(rows)):
-                n_p = len(gens.prompt_ids[start + i])
+                n_p = n_ps[i]
                 n_c = len(gens.completion_ids[start + i])
-                # Position t predicts token t+1: completion token j is predicted at position n_p - 1 + j.
-                out.append(kl[i, n_p - 1 : n_p - 1 + n_c].double().cpu().numpy())
+                out.append(kl[i, n_p - 1 - lo : n_p - 1 - lo + n_c].double().cpu().numpy())
     return out
+
+
+def _logits_at(model, ids: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+    """Logits ``[batch, len(keep), vocab]`` at positions ``keep`` only (HF's ``logits_to_keep``, where the
+    model's forward has it; else all positions, then cut)."""
+    import inspect
+
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep.to(ids.device)).logits
+    return model(input_ids=ids, attention_mask=mask).logits[:, keep.to(ids.device)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +577,7 @@ def evaluate_pair(
     top_p: float = 1.0,
     n_boot: int = 2000,
     n_show: int = 8,
+    memo: GenerationMemo | None = None,
 ) -> dict[str, Any]:
     """Compare base and tuned generations on ``prompts`` (held-out ones: tuning must not have seen them).
 
@@ -479,7 +604,7 @@ def evaluate_pair(
     if not prompts:
         raise ValueError("evaluate_pair got no prompts; pass the held-out prompts (e.g. TuneResult.held_out).")
     gen_kw = dict(max_new_tokens=max_new_tokens, n_samples_per_prompt=n_samples_per_prompt,
-                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, memo=memo)
     gens: dict[str, Generations] = {}
     rewards: dict[str, np.ndarray] = {}
     roles = [(role, m) for role, m in pair]

@@ -108,7 +108,7 @@ def _stage_evaluate(ctx: RunContext) -> None:
     out_dir = ctx.run.sub("evaluation")
     res = evaluate_pair(ctx.pair, ctx.rm, prompts, n_samples_per_prompt=cfg.n_samples_per_prompt,
                         max_new_tokens=cfg.max_new_tokens, seed=ctx.cfg.seed, run_dir=out_dir,
-                        batch_size=cfg.batch_size, n_boot=cfg.n_boot)
+                        batch_size=cfg.batch_size, n_boot=cfg.n_boot, memo=ctx.generations)
     ctx.run.update_results("evaluation", res)
     ctx.tracker.log(evaluation_metrics(res), step=ctx.tracker.current_step)
     samples = [json.loads(line) for line in (out_dir / "eval_samples.jsonl").read_text().splitlines() if line]

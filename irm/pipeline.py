@@ -43,6 +43,16 @@ class RunContext:
     def run_path(self) -> Path:
         return self.run.path
 
+    @property
+    def generations(self):
+        """The run's :class:`irm.evaluate.GenerationMemo`: stages that sample the same prompts from a model
+        (the evaluation, the contrastive comparisons) reuse and continue each other's completions."""
+        if "generation_memo" not in self.state:
+            from irm.evaluate import GenerationMemo
+
+            self.state["generation_memo"] = GenerationMemo()
+        return self.state["generation_memo"]
+
     def load_models(self) -> None:
         """Load the base model, and the pair once a tuned model is known (named in the config or made by
         the tune stage); what is already loaded is kept. Stages that run alone call this."""

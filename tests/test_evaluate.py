@@ -157,6 +157,79 @@ def test_sampling_does_not_depend_on_the_batch_size(pair):
         generate(m.hf_model, m.tokenizer, PROMPTS, top_p=0.0)
 
 
+def _count_forwards(hf_model):
+    calls = []
+    handle = hf_model.model.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_memo_reuses_and_continues_completions(pair):
+    """A memo's completion is cut to a shorter max_new_tokens without a forward pass, and an unfinished
+    one is continued from where it stopped (its stream skips the draws made): the same tokens as
+    sampling from the start, with fewer forward passes."""
+    from irm.evaluate import GenerationMemo
+
+    m = pair.base
+    kw = dict(n_samples_per_prompt=2, seed=3, batch_size=4)
+    ref = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=9, **kw)  # no memo
+    memo = GenerationMemo()
+    calls, handle = _count_forwards(m.hf_model)
+    try:
+        short = generate(m.hf_model, m.tokenizer, PROMPTS[:3], max_new_tokens=5, memo=memo, **kw)
+        assert short.completion_ids == [c[:5] for c in ref.completion_ids[:6]] and len(memo) == 6
+        calls.clear()
+        longer = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=9, memo=memo, **kw)
+        assert longer.completion_ids == ref.completion_ids and longer.prompt_ids == ref.prompt_ids
+        assert longer.completions == ref.completions and longer.prompts == ref.prompts
+        # 4 new rows: one batch of 9 steps; 6 continued rows: two batches of 4 steps (from scratch: 3 x 9).
+        assert len(calls) == 9 + 2 * 4
+        calls.clear()
+        cut = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=3, memo=memo, **kw)
+        assert cut.completion_ids == [c[:3] for c in ref.completion_ids] and not calls
+        # Another seed, another sampling setting: not reused.
+        other = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=3, memo=memo, **{**kw, "seed": 4})
+        assert calls and other.completion_ids != cut.completion_ids
+        calls.clear()
+        generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=3, memo=memo, top_k=5, **kw)
+        assert calls
+        # Changed weights (any in-place update) drop the model's entries.
+        calls.clear()
+        with torch.no_grad():
+            next(m.hf_model.parameters()).add_(0.0)
+        again = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=3, memo=memo, **kw)
+        assert calls and again.completion_ids == cut.completion_ids
+    finally:
+        handle.remove()
+
+
+def test_memo_keeps_finished_completions(pair):
+    """A completion that ended on an end-of-sequence token is final: a longer call reuses it as it is."""
+    from irm.evaluate import GenerationMemo
+
+    m = pair.base
+    kw = dict(n_samples_per_prompt=2, seed=3, batch_size=4)
+    free = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=9, **kw)
+    stop = free.completion_ids[0][2]  # a token sampled early: make it an end-of-sequence token
+    old = m.hf_model.generation_config.eos_token_id
+    m.hf_model.generation_config.eos_token_id = stop
+    try:
+        ref = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=9, **kw)
+        ended = [i for i, c in enumerate(ref.completion_ids) if c and c[-1] == stop and len(c) <= 5]
+        assert 0 in ended
+        memo = GenerationMemo()
+        generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=5, memo=memo, **kw)
+        calls, handle = _count_forwards(m.hf_model)
+        try:
+            longer = generate(m.hf_model, m.tokenizer, PROMPTS, max_new_tokens=9, memo=memo, **kw)
+        finally:
+            handle.remove()
+        assert longer.completion_ids == ref.completion_ids
+        n_open = len(PROMPTS) * 2 - len(ended)  # only those run, 4 steps each
+        assert len(calls) == -(-n_open // 4) * 4
+    finally:
+        m.hf_model.generation_config.eos_token_id = old
+
+
 def test_row_sampler_draws_from_the_softmax():
     """Gumbel-max on a fixed distribution: the empirical frequencies match softmax(scores / T)."""
     from irm.evaluate import RowSampler

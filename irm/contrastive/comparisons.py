@@ -141,16 +141,18 @@ def _generate_until(n: int, prompts: Sequence[str], make: Any) -> list[Compariso
 
 
 def comparisons_from_pair(pair: Any, prompts: Sequence[str], rm: Any, n: int, *, max_new_tokens: int = 24,
-                          temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[Comparison]:
+                          temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
+                          memo: Any = None) -> list[Comparison]:
     """Base vs tuned responses to the same prompts, ordered by the explicit ``rm`` (ties dropped).
 
     Prompts are answered ``n`` at a time until ``n`` non-tied comparisons are found (ties are common
-    for a lexicon RM on short texts), using at most ``3 n`` prompts.
+    for a lexicon RM on short texts), using at most ``3 n`` prompts. ``memo``: an
+    :class:`irm.evaluate.GenerationMemo` (completions of these prompts sampled earlier are continued).
     """
     from irm.evaluate import generate
     from irm.threads import run_side_by_side
 
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size, memo=memo)
 
     def make(chunk: list[str], offset: int) -> list[Comparison]:
         base, tuned = run_side_by_side(  # at the same time on a CPU (irm.threads)
@@ -164,13 +166,15 @@ def comparisons_from_pair(pair: Any, prompts: Sequence[str], rm: Any, n: int, *,
 
 
 def comparisons_from_model(model: Any, prompts: Sequence[str], rm: Any, n: int, *, max_new_tokens: int = 24,
-                           temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[Comparison]:
+                           temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
+                           memo: Any = None) -> list[Comparison]:
     """Two samples of one model per prompt, ordered by the explicit ``rm`` (ties dropped)."""
     from irm.evaluate import generate
 
     def make(chunk: list[str], offset: int) -> list[Comparison]:
         g = generate(model.hf_model, model.tokenizer, chunk, n_samples_per_prompt=2, max_new_tokens=max_new_tokens,
-                     temperature=temperature, seed=seed + offset, batch_size=batch_size, desc="contrastive: samples")
+                     temperature=temperature, seed=seed + offset, batch_size=batch_size, desc="contrastive: samples",
+                     memo=memo)
         return order_by_rm(chunk, g.completions[0::2], g.completions[1::2], rm,
                            ids=[f"model-{offset + i}" for i in range(len(chunk))])
 

@@ -151,7 +151,8 @@ def _comparisons(ctx: RunContext, cfg: ContrastiveConfig, seed: int) -> tuple[li
     if source == "auto":
         source = "pair" if ctx.pair is not None else ("base" if ctx.base is not None else "sample")
     prompts = list(ctx.test_prompts) + list(ctx.train_prompts)  # held-out prompts first
-    gen_kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+    gen_kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                                  memo=ctx.generations)
     if source == "pair":
         if ctx.pair is None:
             raise ConfigError("[contrastive] source = 'pair' but the run has no tuned model; set [models] tuned, "

@@ -68,13 +68,8 @@ def _response_logprobs(model, prompts: Sequence[str], responses: Sequence[str], 
         targets_of.append(np.nonzero(in_resp)[0])
     scorer = _Scorer(model, ids_of, targets_of)
     tree = _ShareTree(ids_of) if share_prefix and len(texts) > 1 else None
-    if tree is not None and tree.n_shared:
-        from irm.models import float32_compute
-
-        with float32_compute(model.hf_model):  # exact for a model in mixed precision; redone below in it
-            ok = scorer.check_shared(tree)
-        if not ok:
-            tree = None
+    if tree is not None and tree.n_shared and not _shared_prefix_ok(model, scorer, tree):
+        tree = None
     if tree is None or not tree.n_shared:
         for batch in _batches(list(range(len(texts))), [len(x) for x in ids_of], batch_size, model.device):
             scorer.full(batch)  # left-padded full passes
@@ -82,6 +77,22 @@ def _response_logprobs(model, prompts: Sequence[str], responses: Sequence[str], 
     for chunk in tree.chunks(_CHUNK_TEXTS):
         scorer.run_tree(tree, chunk, batch_size)
     return scorer.out
+
+
+def _shared_prefix_ok(model, scorer: _Scorer, tree: _ShareTree) -> bool:
+    """:meth:`_Scorer.check_shared`, once per model (its body's forward code, weights, compute dtype and
+    device): whether a model handles a key/value cache, positions and masks correctly does not depend on
+    the texts."""
+    from irm.models import compute_dtype, float32_compute
+
+    hf = model.hf_model
+    key = (type(hf.base_model).forward, sum(int(p._version) for p in hf.parameters()), str(compute_dtype(hf)),
+           str(model.device))
+    checked = hf.__dict__.setdefault("_irm_shared_prefix_ok", {})
+    if key not in checked:
+        with float32_compute(hf):  # exact for a model in mixed precision
+            checked[key] = scorer.check_shared(tree)
+    return checked[key]
 
 
 # A text runs on an earlier text's cache when they share at least this many leading tokens.
