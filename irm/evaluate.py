@@ -604,13 +604,13 @@ def evaluate_pair(
     if not prompts:
         raise ValueError("evaluate_pair got no prompts; pass the held-out prompts (e.g. TuneResult.held_out).")
     gen_kw = dict(max_new_tokens=max_new_tokens, n_samples_per_prompt=n_samples_per_prompt,
-                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, memo=memo)
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
     gens: dict[str, Generations] = {}
     rewards: dict[str, np.ndarray] = {}
     roles = [(role, m) for role, m in pair]
     # Both models generate at the same time on a CPU (irm.threads); sampling is per row, so the same.
     done = run_side_by_side([functools.partial(generate, m.hf_model, m.tokenizer, prompts, desc=f"generate ({role})",
-                                               **gen_kw) for role, m in roles], [m for _, m in roles])
+                                               memo=memo, **gen_kw) for role, m in roles], [m for _, m in roles])
     for (role, _), g in zip(roles, done, strict=True):
         gens[role] = g
         r = np.asarray(rm(gens[role].prompts, gens[role].completions), dtype=np.float64)

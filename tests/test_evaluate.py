@@ -308,6 +308,22 @@ def test_evaluate_pair_result(pair, rm, tmp_path):
     assert flat["eval/kl_per_token"] == ev["kl_per_token"]["mean"]
 
 
+def test_evaluate_pair_fills_a_memo_that_the_comparisons_continue(pair, rm, tmp_path):
+    """The pipeline's order: the evaluation samples 6 tokens per prompt into the run's memo, the
+    contrastive comparisons continue them to 9: the same comparisons as sampled from scratch."""
+    from irm.contrastive.comparisons import comparisons_from_pair
+    from irm.evaluate import GenerationMemo
+
+    memo = GenerationMemo()
+    ev = evaluate_pair(pair, rm, PROMPTS, max_new_tokens=6, seed=2, run_dir=tmp_path, memo=memo)
+    json.dumps(ev, allow_nan=False)
+    assert len(memo) == 2 * len(PROMPTS)  # both models' completions
+    ref = comparisons_from_pair(pair, PROMPTS, rm, 5, max_new_tokens=9, seed=2)
+    got = comparisons_from_pair(pair, PROMPTS, rm, 5, max_new_tokens=9, seed=2, memo=memo)
+    assert [(c.prompt, c.chosen, c.rejected) for c in got] == [(c.prompt, c.chosen, c.rejected) for c in ref]
+    assert ref and len(memo) == 2 * len(PROMPTS)
+
+
 def test_evaluate_pair_needs_prompts(pair, rm):
     with pytest.raises(ValueError, match="no prompts"):
         evaluate_pair(pair, rm, [])
