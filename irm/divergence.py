@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from irm.constants import DEFAULT_HOOK_TEMPLATE
 from irm.log import get_logger, progress
+from irm.models import unwrapped
+from irm.threads import ModelThreads
 
 __all__ = [
     "block_modules",
@@ -158,26 +160,29 @@ def activation_divergence(
     counts = np.zeros(n_layers, dtype=np.int64)
     store_b: list[Tensor | None] = [None] * n_layers
     store_t: list[Tensor | None] = [None] * n_layers
-    handles = _resid_post_hooks(base_m, store_b) + _resid_post_hooks(tuned_m, store_t)
     modes = (base_m.training, tuned_m.training)
     base_m.eval(), tuned_m.eval()
-    try:
-        for start in progress(range(0, len(texts), batch_size), desc="activation divergence", unit="batch"):
-            enc = tok(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length, padding_side="right")
-            mask = enc["attention_mask"].bool()
-            base_m(**enc.to(next(base_m.parameters()).device))
-            tuned_m(**enc.to(next(tuned_m.parameters()).device))
-            for layer in range(n_layers):
-                hb, ht = store_b[layer], store_t[layer]
-                rel, cos = _token_divergence(hb[mask.to(hb.device)], ht.to(hb.device)[mask.to(hb.device)])
-                sums[layer] += (float(rel.sum()), float(cos.sum()))
-                counts[layer] += len(rel)
-    finally:
-        for h in handles:
-            h.remove()
-        base_m.train(modes[0])
-        tuned_m.train(modes[1])
+    # The HF blocks themselves (no TransformerBridge wrappers), both models at once on a CPU.
+    with unwrapped(base_m), unwrapped(tuned_m), ModelThreads([base_m, tuned_m]) as side_by_side:
+        handles = _resid_post_hooks(base_m, store_b) + _resid_post_hooks(tuned_m, store_t)
+        try:
+            for start in progress(range(0, len(texts), batch_size), desc="activation divergence", unit="batch"):
+                enc = tok(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max_length, padding_side="right")
+                mask = enc["attention_mask"].bool()
+                enc_b = enc.to(next(base_m.parameters()).device)
+                enc_t = {k: v.to(next(tuned_m.parameters()).device) for k, v in enc_b.items()}
+                side_by_side.map([lambda: base_m.base_model(**enc_b), lambda: tuned_m.base_model(**enc_t)])  # noqa: B023
+                for layer in range(n_layers):
+                    hb, ht = store_b[layer], store_t[layer]
+                    rel, cos = _token_divergence(hb[mask.to(hb.device)], ht.to(hb.device)[mask.to(hb.device)])
+                    sums[layer] += (float(rel.sum()), float(cos.sum()))
+                    counts[layer] += len(rel)
+        finally:
+            for h in handles:
+                h.remove()
+            base_m.train(modes[0])
+            tuned_m.train(modes[1])
     return [
         {"layer": i, "hook": DEFAULT_HOOK_TEMPLATE.format(layer=i),
          "act_rel_l2": float(sums[i, 0] / counts[i]) if counts[i] else None,

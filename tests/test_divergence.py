@@ -89,6 +89,19 @@ def test_activation_divergence_does_not_depend_on_padding(pair):
         assert a["act_cosine"] == pytest.approx(b["act_cosine"], rel=1e-3, abs=1e-9)
 
 
+def test_activation_divergence_of_a_bridged_pair(pair_dirs, pair):
+    """Once TransformerBridges wrap the models (the capture boots them), the divergence hooks the HF blocks
+    inside :func:`irm.models.unwrapped` and gets the same numbers."""
+    base, tuned, _ = pair_dirs
+    bridged = ModelPair.load(str(base), str(tuned))  # fresh copies: a bridge changes its model
+    assert bridged.base.bridge is not None and bridged.tuned.bridge is not None
+    got = activation_divergence(bridged, TEXTS, batch_size=2)
+    want = activation_divergence(pair, TEXTS, batch_size=2)
+    for a, b in zip(got, want, strict=True):
+        assert a["act_rel_l2"] == pytest.approx(b["act_rel_l2"], rel=1e-5, abs=1e-9)
+        assert a["n_tokens"] == b["n_tokens"] > 0
+
+
 def test_hooks_read_resid_post(pair):
     """The hooked block outputs are HF's hidden states (all but the last, which HF returns post-norm)."""
     from irm.divergence import _resid_post_hooks

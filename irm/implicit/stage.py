@@ -106,10 +106,18 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
 
     prompts = [s["prompt"] for s in samples]
     resp_b, resp_t = [s["base"] for s in samples], [s["tuned"] for s in samples]
-    e_b, e_t = explicit.score(prompts, resp_b), explicit.score(prompts, resp_t)
-    out: dict[str, Any] = {"n_prompts": len(samples)}
+    n = len(samples)
+
+    def score(rm) -> tuple[np.ndarray, np.ndarray]:
+        # One call for both responses of every prompt: an RM that runs a shared beginning once (the
+        # log-ratio IRM) runs each prompt once for its two responses.
+        r = np.asarray(rm.score(prompts + prompts, resp_b + resp_t), dtype=np.float64)
+        return r[:n], r[n:]
+
+    e_b, e_t = score(explicit)
+    out: dict[str, Any] = {"n_prompts": n}
     for name, rm in irms.items():
-        i_b, i_t = rm.score(prompts, resp_b), rm.score(prompts, resp_t)
+        i_b, i_t = score(rm)
         e_all, i_all = np.concatenate([e_b, e_t]), np.concatenate([i_b, i_t])
         # Pairs the explicit RM decides; an IRM tie (e.g. a lexicon IRM that knows none of the words) is
         # neither agreement nor disagreement: counted apart, and as half in the ties-included rate.
