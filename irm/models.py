@@ -433,6 +433,8 @@ def load_model(
         raise
     model.eval()
     model.to(resolve_device(device))
+    if model.device.type == "cpu":
+        use_onednn_linear(model)  # float32 CPU inference through oneDNN (takes no effect elsewhere)
     fingerprint = _fingerprint(Path(ckpt)) if kind != "hub" else None
     rev = revision or getattr(model.config, "_commit_hash", None) if kind == "hub" else None
     wdtype = _dtype(dtype)
@@ -446,6 +448,90 @@ def load_model(
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 matrix products of CPU inference through oneDNN
+ENV_ONEDNN = "IRM_ONEDNN_LINEAR"
+_ONEDNN_OK: bool | None = None  # None: not checked yet in this process
+
+
+def onednn_linear_available() -> bool:
+    """Whether :class:`OneDNNLinear` takes its fast path in this process: an x86-64 CPU build of torch
+    with oneDNN, ``IRM_ONEDNN_LINEAR`` not ``0``, and a check at first use that the oneDNN product
+    equals ``torch.nn.functional.linear`` to float rounding (else a warning, and every product stays
+    with the default BLAS)."""
+    global _ONEDNN_OK
+    if os.environ.get(ENV_ONEDNN, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if _ONEDNN_OK is None:
+        import platform
+
+        ok = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                x, w, b = (torch.randn(*s, generator=g) for s in ((2, 5, 48), (40, 48), (40,)))
+                with torch.no_grad():
+                    got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+                    want = torch.nn.functional.linear(x, w, b)
+                ok = got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5))
+                if not ok:
+                    log.warning("oneDNN's linear differs from torch's here; matrix products stay with the "
+                                "default BLAS.")
+            except Exception as e:  # noqa: BLE001 - any failure: the default path
+                log.warning("oneDNN's linear is unusable here (%s: %s); matrix products stay with the "
+                            "default BLAS.", type(e).__name__, e)
+                ok = False
+        _ONEDNN_OK = ok
+    return _ONEDNN_OK
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """A ``torch.nn.Linear`` whose float32 CPU inference runs through oneDNN instead of the default BLAS.
+
+    torch's CPU wheels compute ``linear`` with MKL, which on AMD processors (such as the EPYC of our
+    benchmarks) picks a slower code path; oneDNN, also inside every x86 torch build, generates its
+    kernels for the CPU's instruction set whoever made it. At the shapes of a small LM (SmolLM2's
+    576 x 1536 products, its 49,152-token unembedding) oneDNN computes the same float32 products
+    1.15-1.65x faster on the 2-core EPYC of our benchmarks (``benchmarks/bench_linear.py``). The result
+    is the same product, summed in another order: it agrees with ``F.linear`` to float rounding
+    (about 1e-6 relative).
+
+    The fast path is taken only for float32 inputs and weights on a CPU, without autograd (no gradient
+    is needed: ``torch.no_grad``, or nothing requires one) and outside ``torch.autocast`` (mixed
+    precision keeps its own dispatch); anything else (training, GPUs, other dtypes) is plain
+    ``F.linear``. The module is a ``torch.nn.Linear`` in every other respect (same parameters, same
+    ``state_dict``); :func:`use_onednn_linear` installs and removes it.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (input.dtype == torch.float32 and w.dtype == torch.float32 and input.device.type == "cpu"
+                and w.device.type == "cpu" and input.dim() >= 2 and input.numel()
+                and not (torch.is_grad_enabled() and (input.requires_grad or w.requires_grad))
+                and not torch.is_autocast_enabled("cpu") and _ONEDNN_OK
+                and type(input) is torch.Tensor and w.layout == torch.strided):
+            return torch.ops.mkldnn._linear_pointwise(input, w, self.bias, "none", [], "")
+        return torch.nn.functional.linear(input, w, self.bias)
+
+
+def use_onednn_linear(hf_model: torch.nn.Module, enabled: bool = True) -> int:
+    """Make every plain ``torch.nn.Linear`` of ``hf_model`` an :class:`OneDNNLinear` (``enabled``), or
+    turn them back into ``torch.nn.Linear``. The modules stay the same objects with the same
+    parameters (only their class changes), so hooks, bridges and references to them keep working.
+    Returns how many modules changed; with ``enabled`` and oneDNN unavailable
+    (:func:`onednn_linear_available`), none. :func:`load_model` calls it for models on a CPU."""
+    if enabled and not onednn_linear_available():
+        return 0
+    src, dst = (torch.nn.Linear, OneDNNLinear) if enabled else (OneDNNLinear, torch.nn.Linear)
+    n = 0
+    for mod in hf_model.modules():
+        if type(mod) is src:
+            mod.__class__ = dst
+            n += 1
+    return n
 
 
 def _decoder_layers(hf_model) -> list[torch.nn.Module]:

@@ -237,3 +237,94 @@ def test_compute_dtype_needs_float32_weights():
     with pytest.raises(ConfigError, match="needs dtype = 'float32'"):
         ModelsConfig(dtype="bfloat16", compute_dtype="bfloat16")
     assert load_model("tiny-llama", compute_dtype="float32").identity.compute_dtype is None
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 CPU inference through oneDNN
+needs_onednn = pytest.mark.skipif(
+    not __import__("irm.models", fromlist=["x"]).onednn_linear_available(),
+    reason="oneDNN's linear is available only in x86-64 torch builds with MKLDNN")
+
+
+@needs_onednn
+def test_onednn_linear_equals_torch_linear_and_falls_back_where_it_must():
+    """The oneDNN product equals ``F.linear`` to float rounding for every input layout; with autograd,
+    under autocast, for other dtypes and for empty inputs the module is plain ``F.linear``."""
+    from irm.models import OneDNNLinear, use_onednn_linear
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Linear(40, 24, bias=False))
+    ref = [torch.nn.Linear(48, 40), torch.nn.Linear(40, 24, bias=False)]
+    for r, m in zip(ref, seq, strict=True):
+        r.load_state_dict(m.state_dict())
+    keys = list(seq.state_dict())
+    assert use_onednn_linear(seq) == 2 and all(type(m) is OneDNNLinear for m in seq)
+    assert list(seq.state_dict()) == keys and all(isinstance(m, torch.nn.Linear) for m in seq)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:  # counts the fast path's calls
+        def __call__(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    import irm.models as M
+
+    x3 = torch.randn(3, 7, 48)
+    inputs = {"2d": x3[0], "3d": x3, "non-contiguous": x3.transpose(0, 1), "one row": x3[:1, :1]}
+    with torch.no_grad():
+        for name, x in inputs.items():
+            want = ref[1](ref[0](x))
+            mkl = torch.ops.mkldnn
+            try:
+                M.torch.ops.mkldnn = type("ops", (), {"_linear_pointwise": Spy()})()
+                got = seq(x)
+            finally:
+                M.torch.ops.mkldnn = mkl
+            assert got.shape == want.shape, name
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+        assert len(calls) == 2 * len(inputs)  # every product above took the oneDNN path
+        empty = seq(torch.randn(0, 48))
+        assert empty.shape == (0, 24)
+        one = seq(x3[0, 0])  # a 1-d input: plain F.linear
+        torch.testing.assert_close(one, ref[1](ref[0](x3[0, 0])))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision keeps autocast's dispatch
+            assert seq(x3).dtype == torch.bfloat16
+        assert seq(x3.double().float()).dtype == torch.float32
+    x = x3.clone().requires_grad_(True)  # training: autograd through F.linear
+    seq(x).sum().backward()
+    x_ref = x3.clone().requires_grad_(True)
+    ref[1](ref[0](x_ref)).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(seq[0].weight.grad, (r0 := ref[0]).weight.grad)
+    assert r0.weight.grad is not None
+    assert use_onednn_linear(seq, enabled=False) == 2 and all(type(m) is torch.nn.Linear for m in seq)
+
+
+@needs_onednn
+def test_load_model_uses_onednn_on_cpu_and_the_switch_turns_it_off(monkeypatch):
+    """A CPU model's Linear modules are OneDNNLinear after load_model; results agree with the default
+    BLAS to float rounding; a bridge's hooks still fire; IRM_ONEDNN_LINEAR=0 keeps torch's Linear."""
+    import copy
+    import pickle
+
+    from irm.models import OneDNNLinear, use_onednn_linear
+
+    m = load_model("tiny-llama")
+    lin = [x for x in m.hf_model.modules() if isinstance(x, torch.nn.Linear)]
+    assert lin and all(type(x) is OneDNNLinear for x in lin)
+    ids = m.tokenizer(["a great movie", "a dull and boring film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        fast = m.hf_model(**ids).logits
+        use_onednn_linear(m.hf_model, enabled=False)
+        plain = m.hf_model(**ids).logits
+        use_onednn_linear(m.hf_model)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    clone = copy.deepcopy(m.hf_model)
+    assert all(type(x) is OneDNNLinear for x in clone.modules() if isinstance(x, torch.nn.Linear))
+    assert pickle.loads(pickle.dumps(clone)).config.vocab_size == clone.config.vocab_size
+    _, cache = m.bridge.run_with_cache(ids.input_ids[:1], names_filter="blocks.1.mlp.hook_out")
+    assert "blocks.1.mlp.hook_out" in cache
+    monkeypatch.setenv("IRM_ONEDNN_LINEAR", "0")
+    off = load_model("tiny-llama")
+    assert all(type(x) is torch.nn.Linear for x in off.hf_model.modules() if isinstance(x, torch.nn.Linear))
