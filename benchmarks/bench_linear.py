@@ -59,16 +59,17 @@ def products(reps_flops: float) -> None:
 
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(2)
-    print(f"\n1. products, float32 GFLOP/s (medians of interleaved repetitions; 'side by side': 2 products at "
-          f"once, 1 thread each)")
+    print("\n1. products, float32 GFLOP/s (medians of interleaved repetitions; 'side by side': 2 products at "
+          "once, 1 thread each)")
     print(f"{'rows x in x out':22s} {'BLAS':>7s} {'oneDNN':>7s} {'ratio':>6s} | {'side by side: BLAS':>19s} "
           f"{'oneDNN':>7s} {'ratio':>6s} | {'max rel diff':>12s}")
     for m, k, n in SHAPES:
         g = torch.Generator().manual_seed(m + k + n)
         xs = [torch.randn(m, k, generator=g) for _ in range(2)]
         ws = [torch.randn(n, k, generator=g) / k ** 0.5 for _ in range(2)]
-        blas = [lambda i=i: torch.nn.functional.linear(xs[i], ws[i]) for i in range(2)]
-        dnn = [lambda i=i: torch.ops.mkldnn._linear_pointwise(xs[i], ws[i], None, "none", [], "") for i in range(2)]
+        blas = [lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, ws, strict=True)]
+        dnn = [lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+               for x, w in zip(xs, ws, strict=True)]
         flops = 2 * m * k * n
         reps = max(5, int(reps_flops / flops))
 
