@@ -281,7 +281,6 @@ class LocalChatLLM:
 
         keys = [(seed, text_key(t), 0) for t in texts]
         sampler = None if greedy else float(temperature)
-        out: list[str] = []
         # The chat template already holds the special tokens (BOS, <|im_start|>...).
         ids_all = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         longest = max(len(x) for x in ids_all)
@@ -291,24 +290,44 @@ class LocalChatLLM:
                 f"model's context of {n_ctx} tokens; shorten the messages or lower max_tokens."
             )
         from irm.models import compute_dtype
+        from irm.threads import ModelThreads, side_by_side_enabled
 
         mixed = compute_dtype(hf) != hf.dtype  # set_compute_dtype: the prefix check runs in float32
         prefix = _common_prefix(ids_all) if len(texts) > 1 else []
         cache = self._prefill(prefix) if len(prefix) >= _MIN_SHARED_PROMPT else None
-        for b, start in enumerate(range(0, len(texts), self.batch_size)):
-            chunk_ids = ids_all[start : start + self.batch_size]
-            rows = keys[start : start + self.batch_size]
-            res = width = None
-            if cache is not None:
-                res, width = self._generate(chunk_ids, gen_cfg, rows, sampler, cache, len(prefix))
-                if b == 0 and not (self._prefix_ok_in_float32(chunk_ids[0], prefix, gen_cfg) if mixed
-                                   else self._prefix_ok(chunk_ids[0], res.logits[0][0])):
-                    cache, res = None, None
-            if res is None:
-                res, width = self._generate(chunk_ids, gen_cfg, rows, sampler)
-            self._remember_prompt_ends(texts[start : start + self.batch_size], res.logits[0])
-            out.extend(s.strip() for s in tok.batch_decode(res.sequences[:, width:], skip_special_tokens=True))
-        return out
+        # Batches of prompts of similar length (longest first), so little of a batch is padding. On a CPU
+        # with two or more threads, two batches run at once, one thread each (irm.threads): a generation
+        # step of a small model uses one core better than two (1.5-1.7x the throughput, bench_threads.py).
+        side = len(texts) > 1 and side_by_side_enabled([self.model, self.model], distinct=False)
+        n_chunks = -(-len(texts) // self.batch_size)
+        n_chunks += side and n_chunks % 2
+        order = sorted(range(len(texts)), key=lambda i: (-len(ids_all[i]), i))
+        chunks = [c.tolist() for c in np.array_split(np.asarray(order), n_chunks)]
+        out: list[str | None] = [None] * len(texts)
+        step = 2 if side else 1
+        with ModelThreads([self.model] * step, enabled=side, distinct=False) as mt:
+            for r0 in range(0, len(chunks), step):
+                group = list(range(r0, min(r0 + step, len(chunks))))
+
+                def run(c: int, shared):
+                    idx = chunks[c]
+                    args = ([ids_all[i] for i in idx], gen_cfg, [keys[i] for i in idx], sampler)
+                    return self._generate(*args, shared, len(prefix)) if shared is not None else self._generate(*args)
+
+                results = mt.map([lambda c=c, shared=cache: run(c, shared) for c in group])
+                if r0 == 0 and cache is not None:  # once per call: the cached prefix against a plain pass
+                    first = ids_all[chunks[0][0]]
+                    if not (self._prefix_ok_in_float32(first, prefix, gen_cfg) if mixed
+                            else self._prefix_ok(first, results[0][0].logits[0][0])):
+                        cache = None
+                        results = mt.map([lambda c=c: run(c, None) for c in group])
+                for c, (res, width) in zip(group, results, strict=True):
+                    idx = chunks[c]
+                    self._remember_prompt_ends([texts[i] for i in idx], res.logits[0])
+                    replies = tok.batch_decode(res.sequences[:, width:], skip_special_tokens=True)
+                    for i, reply in zip(idx, replies, strict=True):
+                        out[i] = reply.strip()
+        return [x if x is not None else "" for x in out]
 
     def _generate(self, chunk_ids: list[list[int]], gen_cfg, keys: list[tuple[int, int, int]],
                   temperature: float | None, cache=None, n_prefix: int = 0):

@@ -51,15 +51,17 @@ def _device_of(model: Any) -> torch.device | None:
     return None
 
 
-def side_by_side_enabled(models: Iterable[Any]) -> bool:
+def side_by_side_enabled(models: Iterable[Any], *, distinct: bool = True) -> bool:
     """Whether ``models`` (LoadedModels or torch modules) would run side by side: at least two distinct
-    ones, all on a CPU, torch using at least two threads, and ``IRM_MODEL_THREADS`` not ``0``."""
+    ones (``distinct=False``: at least two calls, which may run the same model on different inputs),
+    all on a CPU, torch using at least two threads, and ``IRM_MODEL_THREADS`` not ``0``."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    distinct = {_key(m): m for m in models}
-    if len(distinct) < 2 or torch.get_num_threads() < 2:
+    models = list(models)
+    distinct_models = {_key(m): m for m in models}
+    if (len(distinct_models) if distinct else len(models)) < 2 or torch.get_num_threads() < 2:
         return False
-    devices = [_device_of(m) for m in distinct.values()]
+    devices = [_device_of(m) for m in distinct_models.values()]
     return all(d is not None and d.type == "cpu" for d in devices)
 
 
@@ -70,11 +72,17 @@ class ModelThreads:
     Use it as a context manager: leaving it restores torch's thread count. Grad mode and inference mode
     of the calling thread carry over into the calls (they are thread-local in torch). An exception in
     any call is raised after all calls have finished, so no thread keeps running behind it.
+
+    ``distinct=False`` counts every entry of ``models`` as one call even where a model appears twice:
+    one model running two halves of a batch at once. A forward pass only reads a model's weights, so
+    two passes of one model can run at the same time; what the caller shares between its calls (a
+    key/value cache to copy from, say) must be read-only too.
     """
 
-    def __init__(self, models: Sequence[Any], *, enabled: bool | None = None) -> None:
-        self.n = len({_key(m) for m in models})
-        self.active = side_by_side_enabled(models) if enabled is None else (enabled and self.n >= 2)
+    def __init__(self, models: Sequence[Any], *, enabled: bool | None = None, distinct: bool = True) -> None:
+        self.n = len({_key(m) for m in models}) if distinct else len(models)
+        self.active = (side_by_side_enabled(models, distinct=distinct) if enabled is None
+                       else (enabled and self.n >= 2))
         self._threads = torch.get_num_threads()
         self.per_call = max(1, self._threads // max(self.n, 1))
         self._pool: ThreadPoolExecutor | None = None

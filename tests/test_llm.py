@@ -109,6 +109,45 @@ def test_local_chat_is_greedy_deterministic_seeded_and_batch_invariant(tiny_chat
         tiny_chat.complete(MSG, max_tokens=10_000)
 
 
+def test_two_batches_at_once_give_the_replies_of_one_batch_at_a_time(tiny_chat, monkeypatch):
+    """With two or more torch threads on a CPU, batches of prompts (sorted by length) run two at once, one
+    thread each: the replies, greedy and sampled, and the first step's log-probabilities are those of
+    plain one-batch-at-a-time generation."""
+    from irm import threads
+
+    batch = [[{"role": "user", "content": f"message {i} " + "the movie was great " * (i % 4)}] for i in range(7)]
+    llm = LocalChatLLM(tiny_chat.model, batch_size=3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: one batch after the other
+    try:
+        ref = [llm.complete_many(batch, max_tokens=6), llm.complete_many(batch, max_tokens=6, temperature=1.0, seed=2)]
+        ref_lp = {k: v.clone() for k, v in llm._prompt_end_lp.items()}
+        seen = []
+        real_map = threads.ModelThreads.map
+
+        def spy(self, calls):
+            seen.append((self.active, len(calls), self.per_call))
+            return real_map(self, calls)
+
+        monkeypatch.setattr(threads.ModelThreads, "map", spy)
+        torch.set_num_threads(2)
+        both = LocalChatLLM(tiny_chat.model, batch_size=3)
+        got = [both.complete_many(batch, max_tokens=6), both.complete_many(batch, max_tokens=6, temperature=1.0,
+                                                                            seed=2)]
+        monkeypatch.setenv("IRM_MODEL_THREADS", "0")  # the switch: one batch after the other again
+        seen_off = len(seen)
+        off = LocalChatLLM(tiny_chat.model, batch_size=3).complete_many(batch, max_tokens=6)
+    finally:
+        torch.set_num_threads(old)
+    assert got == ref and off == ref[0] and all(ref[0])
+    # 7 prompts, batches of 3: 3 batches, made 4 (an even number) and run two at a time, one thread each
+    assert seen[:seen_off] == [(True, 2, 1)] * 4  # two calls of two rounds
+    assert len(seen) == seen_off + 3 and all(not active for active, *_ in seen[seen_off:])
+    assert set(both._prompt_end_lp) == set(ref_lp)
+    for text, lp in both._prompt_end_lp.items():
+        torch.testing.assert_close(lp, ref_lp[text], atol=1e-5, rtol=0)
+
+
 def test_cache_makes_reruns_free_and_keys_on_params(tiny_chat, tmp_path):
     counting = Counting(tiny_chat)
     llm = CachedLLM(counting, tmp_path)
@@ -306,12 +345,23 @@ def _few_shot(question: str) -> list[dict[str, str]]:
             {"role": "user", "content": shots + question}]
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generation_through_a_shared_prompt_prefix_equals_plain_batches(smollm2, monkeypatch, temperature):
+@pytest.mark.parametrize(("temperature", "n_threads"), [(0.0, 1), (1.0, 1), (0.0, 2)])
+def test_generation_through_a_shared_prompt_prefix_equals_plain_batches(smollm2, monkeypatch, temperature,
+                                                                        n_threads):
     """The start every prompt of a call shares (system prompt, few-shot examples) is run once; the replies
-    and the first step's log-probabilities equal plain left-padded batches."""
+    and the first step's log-probabilities equal plain left-padded batches (also with two batches at once
+    sharing the cached prefix: two threads)."""
     import irm.llm as llm_mod
 
+    old = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        _shared_prefix_equals_plain(smollm2, monkeypatch, temperature, llm_mod)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _shared_prefix_equals_plain(smollm2, monkeypatch, temperature, llm_mod):
     batch = [_few_shot(f"Q: Is {w!r} positive? A:") for w in ["wonderful", "chair", "a dreadful and boring film"]]
     llm = LocalChatLLM(smollm2, batch_size=2)
     ids = [smollm2.tokenizer(llm.render(m), add_special_tokens=False)["input_ids"] for m in batch]
@@ -326,9 +376,19 @@ def test_generation_through_a_shared_prompt_prefix_equals_plain_batches(smollm2,
         torch.testing.assert_close(lp_shared[text], lp, atol=1e-4, rtol=0)
 
 
-def test_a_wrong_prefix_cache_is_caught_and_generation_falls_back(smollm2, monkeypatch, caplog):
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_wrong_prefix_cache_is_caught_and_generation_falls_back(smollm2, monkeypatch, caplog, n_threads):
     import irm.llm as llm_mod
 
+    old = torch.get_num_threads()
+    torch.set_num_threads(n_threads)  # 2: two batches at once on the wrong cache, both redone
+    try:
+        _wrong_prefix_falls_back(smollm2, monkeypatch, caplog, llm_mod)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _wrong_prefix_falls_back(smollm2, monkeypatch, caplog, llm_mod):
     batch = [_few_shot(f"Q: Is {w!r} positive? A:") for w in ["wonderful", "chair"]]
     llm = LocalChatLLM(smollm2, batch_size=2)
     real = LocalChatLLM._prefill
