@@ -640,12 +640,59 @@ def _response_logprobs(m: LoadedModel, final: Tensor, ids: Tensor, positions: li
     return sums.tolist()
 
 
+ENV_NATIVE_HOOKS = "IRM_NATIVE_HOOKS"
+
+
+def _native_hooks_enabled() -> bool:
+    import os
+
+    return os.environ.get(ENV_NATIVE_HOOKS, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _native_modules(bridge, hooks: Sequence[str]) -> dict[str, torch.nn.Module] | None:
+    """The HF module whose output each hook point sees, or None if a hook is not such a point.
+
+    A TransformerBridge component applies its ``hook_out`` to the output of the HF module it wraps;
+    ``blocks.{l}.hook_resid_post`` is the ``hook_out`` of block ``l`` (the HF decoder layer),
+    ``ln_final.hook_out`` that of the final norm, ``blocks.{l}.hook_mlp_out`` that of the MLP. Hooks
+    inside a component (attention scores, ``hook_resid_mid``, ...) have no HF module of their own.
+    """
+    from irm.models import _bridge_original
+
+    owner: dict[int, torch.nn.Module] = {}
+    for mod in bridge.modules():
+        point = mod._modules.get("hook_out")
+        if point is not None and _bridge_original(mod) is not None:
+            owner[id(point)] = mod
+    points = bridge.hook_dict
+    out: dict[str, torch.nn.Module] = {}
+    for h in hooks:
+        comp = owner.get(id(points.get(h)))
+        if comp is None:
+            return None
+        orig = _bridge_original(comp)
+        while (inner := _bridge_original(orig)) is not None:  # a wrapper of a wrapper
+            orig = inner
+        out[h] = orig
+    return out
+
+
 class _HookRecorder:
     """Forward hooks attached once per shard that record one batch's activations per forward pass.
 
     ``bridge.run_with_hooks`` resolves every hook name through ``bridge.hook_dict``, which rebuilds
     TransformerLens's alias map on each access (~20 ms for SmolLM2): with every layer hooked that
     cost ~0.6 s per batch, as much as the forward itself. Here the map is built once per shard.
+
+    **Native hooks.** Where every hook is the output of an HF module (``hook_resid_post``,
+    ``ln_final.hook_out``, ``hook_mlp_out``, ``hook_attn_out``, see :func:`_native_modules`), the
+    forward pass runs the HF model itself (:func:`irm.models.unwrapped`) with plain PyTorch forward
+    hooks on those modules: the bridge's wrappers (its Python hook points, its re-implemented
+    attention) cost SmolLM2 13-43% of a capture pass on a CPU. The bridge still names and validates
+    the hooks, and its hooks stay attached: once per model and set of hooks the two are compared on a
+    left-padded batch (float32, to 1e-3 of the largest value; they agree to about 3e-5), and where they
+    differ, or the HF pass fails, the capture warns and goes through the bridge. ``IRM_NATIVE_HOOKS=0``
+    turns native hooks off.
     """
 
     def __init__(self, m: LoadedModel, hooks: Sequence[str]) -> None:
@@ -653,6 +700,7 @@ class _HookRecorder:
         self.acts: dict[str, Tensor] = {}
         self.width = 0
         self._points: list[Any] = []
+        self.native: dict[str, torch.nn.Module] | None = None
 
     def __enter__(self) -> _HookRecorder:
         bridge = self.m.bridge
@@ -667,39 +715,158 @@ class _HookRecorder:
         except BaseException:
             self.__exit__()
             raise
+        if _native_hooks_enabled():
+            self.native = _native_modules(bridge, self.hooks)
+            if self.native is not None and any(v is False for v in self.verdicts()):
+                self.native = None  # checked before: they differ
         return self
+
+    def verdicts(self) -> list[bool | None]:
+        """Per hook, whether native hooks on these modules were found to match the bridge (None: unchecked)."""
+        assert self.native is not None
+        cache = self.m.hf_model.__dict__.setdefault("_irm_native_hooks", {})
+        return [cache.get((h, id(mod))) for h, mod in self.native.items()]
 
     def __exit__(self, *exc: object) -> None:
         for point in self._points:
             point.remove_hooks("fwd", level=self._level)
         self._points = []
 
+    def record(self, name: str, x: Tensor) -> None:
+        if x.dim() < 3 or x.shape[1] != self.width:
+            raise ValueError(f"Hook {name!r} gives shape {tuple(x.shape)}; position rules need "
+                             "[batch, pos, ...] activations (e.g. hook_resid_post, hook_mlp_out).")
+        self.acts[name] = x.detach().reshape(x.shape[0], x.shape[1], -1).float().cpu()
+        if len(self.acts) == len(self.hooks):
+            # Every hook has fired: later layers, the final norm and the unembedding are not needed
+            # (stop_at_layer cannot skip them when the last layer is hooked).
+            raise _StopForward
+
     def _make_fn(self, name: str):
         def fn(x: Tensor, hook=None):
-            if x.dim() < 3 or x.shape[1] != self.width:
-                raise ValueError(f"Hook {name!r} gives shape {tuple(x.shape)}; position rules need "
-                                 "[batch, pos, ...] activations (e.g. hook_resid_post, hook_mlp_out).")
-            self.acts[name] = x.detach().reshape(x.shape[0], x.shape[1], -1).float().cpu()
-            if len(self.acts) == len(self.hooks):
-                # Every hook has fired: later layers, the final norm and the unembedding are not needed
-                # (stop_at_layer cannot skip them when the last layer is hooked).
-                raise _StopForward
+            self.record(name, x)
             return x
 
         return fn
+
+
+def _bridge_positions(mask: Tensor, n: int) -> Tensor:
+    """The ``position_ids`` TransformerBridge.forward gives the last ``n`` tokens under ``mask`` (which
+    spans a cached prefix too): a row with a pad before a real token counts only its real tokens, any
+    other row keeps ``arange``."""
+    mask = mask.long()
+    derived = mask.cumsum(-1) - 1
+    derived.masked_fill_(mask == 0, 1)
+    arange = torch.arange(mask.shape[1]).expand_as(derived)
+    needs = ((derived != arange) & (mask != 0)).any(dim=1, keepdim=True)
+    return torch.where(needs, derived, arange)[:, mask.shape[1] - n:]
+
+
+def _native_pass(m: LoadedModel, ids: Tensor, mask: Tensor, recorder: _HookRecorder, past=None) -> None:
+    """One forward pass of the HF model (no bridge wrappers) with forward hooks on the modules of
+    ``recorder.native``; the activations land in ``recorder.acts`` as the bridge's hooks would put them."""
+    from irm.models import unwrapped
+
+    assert recorder.native is not None
+    hf, dev = m.hf_model, m.device
+    handles = []
+
+    def hook(name: str):
+        def fn(module, args, out):
+            recorder.record(name, out[0] if isinstance(out, tuple) else out)
+
+        return fn
+
+    kw: dict[str, Any] = {"use_cache": past is not None}
+    if past is not None:
+        kw["past_key_values"] = past
+    with unwrapped(hf):
+        try:
+            for h, mod in recorder.native.items():
+                handles.append(mod.register_forward_hook(hook(h)))
+            hf(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+               position_ids=_bridge_positions(mask, ids.shape[1]).to(dev), **kw)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _bridge_pass(m: LoadedModel, ids: Tensor, mask: Tensor, stop_layer: int | None, past=None) -> None:
+    kw = {} if past is None else {"past_key_values": past, "use_cache": True}
+    try:
+        m.bridge(ids.to(m.device), attention_mask=mask.to(m.device), return_type=None,
+                 stop_at_layer=stop_layer, **kw)
+    except _StopForward:
+        pass
+
+
+def _native_check(m: LoadedModel, ids: Tensor, mask: Tensor, stop_layer: int | None,
+                  recorder: _HookRecorder) -> bool:
+    """Whether native hooks give this model the bridge's activations; decided once per model and hook
+    (cached on the model). Compares a two-row batch built from the first row of ``ids``: the row
+    itself and, left-padded, its first half (so positions under padding are checked as well)."""
+    from irm.models import float32_compute, shared_pass_check
+
+    if all(v is True for v in recorder.verdicts()):
+        return True
+    native = recorder.native
+    assert native is not None
+    cache = m.hf_model.__dict__.setdefault("_irm_native_hooks", {})
+    verdicts: dict[str, bool] = {}
+    toks = ids[0][mask[0, -ids.shape[1]:].bool()]
+    if toks.numel() == 0:
+        toks = ids[0]
+    n, k = toks.numel(), toks.numel() // 2
+    pad = int(toks[0])  # the pad positions are masked, so any id will do
+    rows = torch.stack([toks, torch.cat([torch.full((n - max(k, 1),), pad, dtype=toks.dtype), toks[:max(k, 1)]])])
+    rmask = torch.ones_like(rows)
+    rmask[1, : n - max(k, 1)] = 0
+    width = recorder.width
+    try:
+        with float32_compute(m.hf_model):  # the check is exact where a model computes in mixed precision
+            recorder.acts, recorder.width = {}, n
+            _bridge_pass(m, rows, rmask, stop_layer)
+            want = recorder.acts
+            recorder.acts = {}
+            try:
+                _native_pass(m, rows, rmask, recorder)
+            except Exception as e:  # noqa: BLE001 - any failure means: use the bridge for this model
+                log.warning("%s: a forward pass with native hooks fails (%s: %s); capturing through the "
+                            "TransformerBridge.", m.identity.spec, type(e).__name__, e)
+                cache.update({(h, id(mod)): False for h, mod in native.items()})
+                return False
+            got = recorder.acts
+    finally:
+        recorder.acts, recorder.width = {}, width
+    valid = rmask.bool()
+    for h in recorder.hooks:
+        if h not in want or h not in got:
+            verdicts[h] = False
+            log.warning("%s: hook %s did not fire in a native pass; capturing through the TransformerBridge.",
+                        m.identity.spec, h)
+            continue
+        ok, err = shared_pass_check(got[h][valid], want[h][valid], m.hf_model, half=3e-2, relative=True)
+        verdicts[h] = ok
+        if not ok:
+            log.warning("%s: %s from the HF module's output differs from the bridge's hook by %.2g (relative); "
+                        "capturing through the TransformerBridge.", m.identity.spec, h, err)
+    cache.update({(h, id(mod)): verdicts[h] for h, mod in native.items()})
+    return all(verdicts.values())
 
 
 def _forward_hooks(m: LoadedModel, ids: Tensor, mask: Tensor, hooks: Sequence[str], stop_layer: int | None,
                    recorder: _HookRecorder, past=None) -> dict[str, Tensor]:
     """The hooks' activations of one batch; with ``past`` (a key/value cache of the earlier positions,
     which this pass extends) ``ids`` are the later positions and ``mask`` covers all of them."""
+    if recorder.native is not None and not _native_check(m, ids, mask, stop_layer, recorder):
+        recorder.native = None
     recorder.acts, recorder.width = {}, ids.shape[1]
-    dev = m.device
-    kw = {} if past is None else {"past_key_values": past, "use_cache": True}
-    try:
-        m.bridge(ids.to(dev), attention_mask=mask.to(dev), return_type=None, stop_at_layer=stop_layer, **kw)
-    except _StopForward:
-        pass
+    if recorder.native is not None:
+        _native_pass(m, ids, mask, recorder, past)
+    else:
+        _bridge_pass(m, ids, mask, stop_layer, past)
     acts = recorder.acts
     missing = [h for h in hooks if h not in acts]
     if missing:

@@ -376,24 +376,136 @@ def test_shared_prefix_capture_in_mixed_precision(smollm2, tmp_path, monkeypatch
         set_compute_dtype(smollm2, None)
 
 
-def test_shared_prefix_falls_back_when_a_model_ignores_the_cache(tiny_base, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_shared_prefix_falls_back_when_a_model_ignores_the_cache(native, tiny_base, tmp_path, monkeypatch, caplog):
     """A model whose forward drops past_key_values would give wrong activations through a cached prefix:
-    the per-shard check notices, warns, and the capture uses full passes (equal to share_prefix=False)."""
+    the per-shard check notices, warns, and the capture uses full passes (equal to share_prefix=False),
+    with native hooks and through the bridge."""
     import irm.capture as cap
     from irm.implicit.words import word_records
 
+    monkeypatch.setenv("IRM_NATIVE_HOOKS", native)
     monkeypatch.setattr(cap, "_MIN_PREFIX_SAVING", 1)
     recs = word_records(["good", "bad", "movie", "great"])
     kw = dict(hooks=["blocks.1.hook_resid_post"], positions="target", batch_size=4, shard_size=24)
     full = capture_activations({"base": tiny_base}, recs, tmp_path / "full", **kw)
-    bridge = tiny_base.bridge
-    real = type(bridge).forward
+    hf_cls = type(tiny_base.hf_model)  # the bridge calls it too
+    real = hf_cls.forward
 
     def forgetful(self, *a, past_key_values=None, use_cache=None, **k):
         return real(self, *a, **k)
 
-    monkeypatch.setattr(type(bridge), "forward", forgetful)
+    monkeypatch.setattr(hf_cls, "forward", forgetful)
     with caplog.at_level("WARNING"):
         got = capture_activations({"base": tiny_base}, recs, tmp_path / "shared", share_prefix=True, **kw)
     assert "full forward passes" in caplog.text
     torch.testing.assert_close(got.load("base", kw["hooks"][0]), full.load("base", kw["hooks"][0]))
+
+
+def _count_passes(monkeypatch):
+    """Counts of forward passes with native hooks and through the bridge."""
+    import irm.capture as cap
+
+    counts = {"native": 0, "bridge": 0}
+    for name, key in (("_native_pass", "native"), ("_bridge_pass", "bridge")):
+        real = getattr(cap, name)
+
+        def spy(*a, _real=real, _key=key, **k):
+            counts[_key] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(cap, name, spy)
+    return counts
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_native_hooks_equal_bridge_hooks(which, tiny_base, tiny_tuned, request, tmp_path, monkeypatch):
+    """Where every hook is an HF module's output, the capture runs the HF model with plain forward hooks:
+    the store (left-padded batches, shared prefixes, log-probabilities) equals the bridge's, and the
+    bridge runs only for the once-per-model check."""
+    import irm.capture as cap
+    from irm.implicit.words import word_records
+
+    monkeypatch.setattr(cap, "_MIN_PREFIX_SAVING", 1)
+    if which == "tiny":
+        models = {"base": tiny_base, "tuned": tiny_tuned}
+        hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out",
+                 "blocks.0.hook_attn_out", "ln_final.hook_out"]
+    else:
+        models = {"base": request.getfixturevalue("smollm2")}
+        hooks = ["blocks.2.hook_resid_post", "blocks.29.hook_resid_post", "blocks.7.hook_mlp_out"]
+    for m in models.values():
+        m.hf_model.__dict__.pop("_irm_native_hooks", None)  # check afresh
+    cases = [(records_from_texts(TEXTS), "all", False, False),
+             (word_records(["good", "abominable", "movie", "ok"]), "target", True, True)]
+    for k, (recs, rule, lp, share) in enumerate(cases):
+        kw = dict(hooks=hooks, positions=rule, batch_size=3, shard_size=64, logprobs=lp, share_prefix=share)
+        counts = _count_passes(monkeypatch)
+        native = capture_activations(models, recs, tmp_path / f"n{k}", **kw)
+        # The bridge runs once per model for the check (again only for a hook not checked before).
+        assert counts["native"] > len(models) and counts["bridge"] <= len(models), counts
+        assert k > 0 or counts["bridge"] == len(models)
+        monkeypatch.setenv("IRM_NATIVE_HOOKS", "0")
+        counts = _count_passes(monkeypatch)
+        bridge = capture_activations(models, recs, tmp_path / f"b{k}", **kw)
+        assert counts["native"] == 0 and counts["bridge"] > 0, counts
+        monkeypatch.delenv("IRM_NATIVE_HOOKS")
+        for role in models:
+            for h in hooks:
+                a, b = native.load(role, h), bridge.load(role, h)
+                assert a.shape == b.shape
+                assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), (role, h)
+            if lp:
+                np.testing.assert_allclose(native.logprobs(role), bridge.logprobs(role), rtol=1e-5, atol=1e-4)
+
+
+def test_hooks_without_an_hf_module_go_through_the_bridge(tiny_base, tmp_path, monkeypatch):
+    """A hook inside a component (here hook_resid_mid) has no HF module of its own: the whole capture
+    goes through the bridge, and its values are the bridge's."""
+    counts = _count_passes(monkeypatch)
+    hooks = ["blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    store = capture_activations({"base": tiny_base}, records_from_texts(TEXTS), tmp_path / "s", hooks=hooks,
+                                positions="last", batch_size=2)
+    assert counts == {"native": 0, "bridge": 3}
+    assert store.load("base", hooks[0]).shape == (len(TEXTS), tiny_base.bridge.cfg.d_model)
+
+
+def test_native_hooks_fall_back_when_they_differ_from_the_bridge(tiny_base, tmp_path, monkeypatch, caplog):
+    """If an HF module's output is not what the bridge's hook sees (here: block 1's hook mapped to block
+    0), the once-per-model check warns and the capture goes through the bridge, with the bridge's values;
+    a native pass that fails does the same."""
+    import irm.capture as cap
+
+    hooks = ["blocks.1.hook_resid_post"]
+    kw = dict(hooks=hooks, positions="all", batch_size=2)
+    monkeypatch.setenv("IRM_NATIVE_HOOKS", "0")
+    want = capture_activations({"base": tiny_base}, records_from_texts(TEXTS), tmp_path / "want", **kw)
+    monkeypatch.delenv("IRM_NATIVE_HOOKS")
+
+    real = cap._native_modules
+    monkeypatch.setattr(cap, "_native_modules",
+                        lambda bridge, hs: {h: real(bridge, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
+                                            for h in hs})
+    counts = _count_passes(monkeypatch)
+    with caplog.at_level("WARNING"):
+        got = capture_activations({"base": tiny_base}, records_from_texts(TEXTS), tmp_path / "wrong", **kw)
+    assert "differs from the bridge's hook" in caplog.text
+    assert counts["native"] == 1 and counts["bridge"] == 1 + 3, counts  # the check, then the bridge
+    torch.testing.assert_close(got.load("base", hooks[0]), want.load("base", hooks[0]))
+    # The verdict is kept on the model: a second capture goes straight through the bridge.
+    counts = _count_passes(monkeypatch)
+    capture_activations({"base": tiny_base}, records_from_texts(TEXTS), tmp_path / "again", **kw)
+    assert counts == {"native": 0, "bridge": 3}
+    monkeypatch.setattr(cap, "_native_modules", real)
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated failure of the HF forward")
+
+    tiny_base.hf_model.__dict__.pop("_irm_native_hooks", None)
+    monkeypatch.setattr(cap, "_native_pass", broken)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        got = capture_activations({"base": tiny_base}, records_from_texts(TEXTS), tmp_path / "broken", **kw)
+    assert "simulated failure" in caplog.text and "through the TransformerBridge" in caplog.text
+    torch.testing.assert_close(got.load("base", hooks[0]), want.load("base", hooks[0]))
+    tiny_base.hf_model.__dict__.pop("_irm_native_hooks", None)  # later tests check afresh
