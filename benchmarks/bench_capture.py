@@ -7,6 +7,8 @@ medians are compared:
 - ``capture``: :func:`irm.capture.capture_activations` with every layer's ``hook_resid_post`` at
   ``positions="all"``, written to a store on disk (tokenising, hooks, row gathering, safetensors
   and sha256 included);
+- ``capture_bridge``: the same through the TransformerBridge's hook points (``IRM_NATIVE_HOOKS=0``),
+  where ``capture`` runs the HF modules with plain forward hooks;
 - ``hf``: the limit, ``hf_model(input_ids, attention_mask, position_ids)`` with no hooks on the
   same left-padded, length-sorted batches, on a separate copy of the model that no bridge wraps;
 - ``hf_body``: the same without the unembedding (``hf_model.model(...)``), the tighter limit for a
@@ -121,6 +123,13 @@ def throughput(args) -> dict:
     def run_capture(k: int) -> None:
         capture_activations({"base": m}, records, work / f"s{k}", **_capture_kwargs(args))
 
+    def run_capture_bridge(k: int) -> None:
+        os.environ["IRM_NATIVE_HOOKS"] = "0"
+        try:
+            capture_activations({"base": m}, records, work / f"b{k}", **_capture_kwargs(args))
+        finally:
+            os.environ.pop("IRM_NATIVE_HOOKS")
+
     @torch.no_grad()
     def run_hf(k: int) -> None:
         for x, mask, pos in batches:
@@ -137,7 +146,7 @@ def throughput(args) -> dict:
         for x, mask, pos in batches:
             bare.model(input_ids=x, attention_mask=mask, position_ids=pos)
 
-    sides = {"capture": run_capture, "hf": run_hf, "hf_body": run_hf_body}
+    sides = {"capture": run_capture, "capture_bridge": run_capture_bridge, "hf": run_hf, "hf_body": run_hf_body}
     if not args.no_tl:
         sides["tl_cache"] = run_tl
     times: dict[str, list[float]] = {s: [] for s in sides}
@@ -151,6 +160,7 @@ def throughput(args) -> dict:
                 if rep:
                     times[side].append(dt)
                 shutil.rmtree(work / f"s{rep}", ignore_errors=True)
+                shutil.rmtree(work / f"b{rep}", ignore_errors=True)
         if args.profile:
             profile = _profile(lambda: run_capture(-1), args.profile_top)
     finally:
@@ -247,7 +257,8 @@ def main() -> None:
     print(f"model={args.model} layers={res['n_layers']} d_model={res['d_model']} texts={args.n_texts} "
           f"join={args.join} tokens={res['n_tokens']} batches={res['n_batches']} batch_size={args.batch_size} "
           f"threads={args.threads} reps={args.reps} cpus={os.cpu_count()}")
-    names = {"capture": "irm capture (all resid_post)", "hf": "bare HF forward",
+    names = {"capture": "irm capture (all resid_post)", "capture_bridge": "irm capture, bridge hooks",
+             "hf": "bare HF forward",
              "hf_body": "bare HF body (no unembedding)", "tl_cache": "TL run_with_cache (no filter)"}
     print(f"{'':32s}{'median s':>10s}{'min s':>9s}{'max s':>9s}{'tokens/s':>11s}")
     for s, t in res["times"].items():
@@ -257,6 +268,8 @@ def main() -> None:
     print(f"capture / bare HF forward:        {ratio_hf:.2f}x  (target >= {TARGET_VS_HF}x: {verdict})")
     print(f"capture / bare HF body:           {tps['capture'] / tps['hf_body']:.2f}x  "
           "(the pure cost of hooks, gathering and writing the store)")
+    print(f"native hooks / bridge hooks:      {tps['capture'] / tps['capture_bridge']:.2f}x  "
+          "(capture with HF forward hooks vs the bridge's hook points)")
     if "tl_cache" in tps:
         print(f"capture / TL run_with_cache:      {tps['capture'] / tps['tl_cache']:.2f}x")
 

@@ -438,15 +438,32 @@ def load_model(
     model.to(resolve_device(device))
     if model.device.type == "cpu":
         use_onednn_linear(model)  # float32 CPU inference through oneDNN (takes no effect elsewhere)
-    fingerprint = _fingerprint(Path(ckpt)) if kind != "hub" else None
-    rev = revision or getattr(model.config, "_commit_hash", None) if kind == "hub" else None
-    wdtype = _dtype(dtype)
-    ident = ModelIdentity(spec=str(spec), kind=kind, checkpoint=ckpt, revision=rev, fingerprint=fingerprint,
-                          dtype=None if wdtype == torch.float32 else _dtype_name(wdtype))
+    ident = _identity(spec, kind, ckpt, dtype, revision or getattr(model.config, "_commit_hash", None))
     loaded = LoadedModel(hf_model=model, tokenizer=tok, identity=ident)
     if compute_dtype is not None:
         set_compute_dtype(loaded, compute_dtype)
     return loaded
+
+
+def _identity(spec: str, kind: str, ckpt: str, dtype: str | torch.dtype, hub_revision: str | None) -> ModelIdentity:
+    wdtype = _dtype(dtype)
+    return ModelIdentity(spec=str(spec), kind=kind, checkpoint=ckpt,
+                         revision=hub_revision if kind == "hub" else None,
+                         fingerprint=_fingerprint(Path(ckpt)) if kind != "hub" else None,
+                         dtype=None if wdtype == torch.float32 else _dtype_name(wdtype))
+
+
+def model_identity(spec: str, *, dtype: str | torch.dtype = "float32", revision: str | None = None) -> ModelIdentity:
+    """The :class:`ModelIdentity` that :func:`load_model` with these arguments gives, without loading the
+    weights (a local checkpoint's fingerprint is cached next to it; a hub model reads only its config).
+    Caches keyed on a model (the tuned model, LLM replies) are looked up with it before any load."""
+    kind, ckpt = resolve_checkpoint(spec)
+    rev = None
+    if kind == "hub":
+        from transformers import AutoConfig
+
+        rev = revision or getattr(AutoConfig.from_pretrained(ckpt, revision=revision), "_commit_hash", None)
+    return _identity(spec, kind, ckpt, dtype, rev)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

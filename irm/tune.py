@@ -600,7 +600,7 @@ def tune(
 
 
 def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, force, tracker, device) -> TuneResult:
-    from irm.models import load_model, resolve_device
+    from irm.models import load_model, model_identity, resolve_device
 
     prompts = list(prompts)
     if not prompts:
@@ -614,18 +614,15 @@ def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, fo
     dev = resolve_device(device)
     peft_config = _lora_config(config) if config.lora else None  # fails early if peft is missing
 
-    # The model is loaded before the key is known: the key needs the base's weight fingerprint, and
-    # loading a local checkpoint is cheap next to training. A GGUF spec resolves to its plain checkpoint.
-    with _quiet():
-        base = load_model(base_spec, device=dev)
-    base_ident = _base_identity(base.identity)
+    # The key needs the base's weight fingerprint, not its weights: a cached tuned model is found without
+    # loading the base. A GGUF spec resolves to its plain checkpoint.
+    base_ident = _base_identity(model_identity(base_spec))
     rm_ident = reward_model_identity(rm)
     key = tune_key(base_ident, rm_ident, config, texts_hash(prompts))
     root = Path(cache_root).expanduser() / TUNED_SUBDIR
     out = root / key
 
     if _is_complete(out) and not force:
-        del base
         log.info("Reusing the tuned model cached at %s (force=True retrains).", out)
         result = _load_cached(out, key, config)
         if config.final_eval and result.evaluation is None:
@@ -633,6 +630,11 @@ def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, fo
         _write_run_dir(run_dir, result)
         return result
 
+    with _quiet():
+        base = load_model(base_spec, device=dev)
+    if _base_identity(base.identity) != base_ident:  # e.g. a hub model that moved on in between
+        raise RuntimeError(f"{base_spec!r} changed while it was being loaded ({base_ident} -> "
+                           f"{_base_identity(base.identity)}); run again.")
     if force and out.exists():
         shutil.rmtree(out)
     partial = root / f"{key}.partial"

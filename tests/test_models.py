@@ -46,6 +46,12 @@ def test_local_directory_roundtrip(tmp_path):
     m = load_model(str(tmp_path / "ckpt"))
     assert m.identity.kind == "local"
     assert m.identity.fingerprint and len(m.identity.fingerprint) == 64
+    # The identity without loading the weights is the same (caches are looked up with it).
+    from irm.models import model_identity
+
+    assert model_identity(str(tmp_path / "ckpt")) == m.identity
+    assert model_identity("tiny-llama") == src.identity
+    assert model_identity("tiny-llama", dtype="bfloat16") == load_model("tiny-llama", dtype="bfloat16").identity
     x = torch.tensor([[5, 6, 7]])
     assert torch.allclose(m.hf_model(x).logits, src.hf_model(x).logits)
 
@@ -170,6 +176,9 @@ def test_embedded_smollm2_loads_and_caches_plain_checkpoint(smollm2):
     again = load_model("smollm2-135m-instruct")
     assert time.perf_counter() - t0 < 15  # the cached checkpoint, not a second dequantisation
     assert again.identity.fingerprint == smollm2.identity.fingerprint
+    from irm.models import model_identity
+
+    assert model_identity("smollm2-135m-instruct") == smollm2.identity
     enc = smollm2.tokenizer(["The movie was"], return_tensors="pt")
     nxt = smollm2.hf_model(**enc).logits[0, -1].softmax(-1)
     # A real LM: after "The movie was" the top tokens carry real probability mass.

@@ -173,17 +173,24 @@ def test_tiny_tune_saves_its_record(tuned, cache):
     assert any("tune/held_out_reward_mean" in r and r["step"] == 0 for r in logged)
 
 
-def test_rerun_reuses_and_force_retrains(cache, planted):
+def test_rerun_reuses_and_force_retrains(cache, planted, monkeypatch):
+    import irm.models
+
     cfg = TuneConfig(steps=2, learning_rate=0.05, final_eval=False, **TINY_KW)
     first = tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
     weights = first.checkpoint / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
+    loads = []
+    real_load = irm.models.load_model
+    monkeypatch.setattr(irm.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     t0 = time.perf_counter()
     again = tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
     assert again.reused and time.perf_counter() - t0 < 10
+    assert loads == []  # a cached tuned model is found without loading the base
     assert again.checkpoint == first.checkpoint and again.curves == first.curves
     assert again.held_out_prompts == first.held_out_prompts and weights.stat().st_mtime_ns == stamp
     forced = tune(TINY, planted, default_prompts(), cfg, cache_root=cache, force=True)
+    assert len(loads) == 1
     assert not forced.reused and forced.checkpoint == first.checkpoint and weights.stat().st_mtime_ns != stamp
     other = tune(TINY, planted, default_prompts()[:100], cfg, cache_root=cache)
     assert other.key != first.key  # other prompts, other model
