@@ -463,9 +463,12 @@ def _capture_shard(
     groups, rest = _prefix_groups(tok, idx) if share_prefix else ([], list(idx))
     with contextlib.ExitStack() as attached:
         recorders = {role: attached.enter_context(_HookRecorder(m, rec_hooks)) for role, m in models.items()}
-        if groups and not all(_prefix_cache_ok(m, tok, groups[0], rec_hooks, stop_layer, recorders[role])
-                               for role, m in models.items()):
-            rest, groups = sorted(j for _, g in groups for j in g) + rest, []
+        if groups:
+            with ModelThreads(list(models.values())) as side_by_side:  # each model checks itself
+                ok = side_by_side.map([functools.partial(_prefix_cache_ok, m, tok, groups[0], rec_hooks, stop_layer,
+                                                         recorders[role]) for role, m in models.items()])
+            if not all(ok):
+                rest, groups = sorted(j for _, g in groups for j in g) + rest, []
         # Sort the texts by length so batches carry little padding; rows go back in dataset order.
         order = sorted(rest, key=lambda j: len(tok.ids[j]))
         batches = [order[b0 : b0 + batch_size] for b0 in range(0, len(order), batch_size)]
