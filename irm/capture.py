@@ -51,7 +51,7 @@ from irm.constants import (
     STORE_SHARD_DIR,
 )
 from irm.log import get_logger, progress
-from irm.models import LoadedModel
+from irm.models import LoadedModel, token_logprobs
 from irm.store import ActivationStore, activation_key, file_sha256, logprob_key, write_json_atomic
 from irm.threads import ModelThreads
 
@@ -613,8 +613,8 @@ def _log_softmax_at(m: LoadedModel, h: Tensor, targets: Tensor | None = None) ->
     unembed = m.hf_model.get_output_embeddings()
     logits = unembed(h.to(device=unembed.weight.device, dtype=unembed.weight.dtype)).float()
     if targets is None:
-        return logits - torch.logsumexp(logits, -1, keepdim=True)
-    return logits.gather(-1, targets.to(logits.device)[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        return torch.log_softmax(logits, -1)
+    return token_logprobs(logits, targets)
 
 
 def _response_logprobs(m: LoadedModel, final: Tensor, ids: Tensor, positions: list[np.ndarray],

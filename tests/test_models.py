@@ -248,6 +248,25 @@ def test_compute_dtype_needs_float32_weights():
     assert load_model("tiny-llama", compute_dtype="float32").identity.compute_dtype is None
 
 
+def test_token_logprobs_equal_logit_minus_logsumexp():
+    """``token_logprobs`` (log_softmax, then gather) is ``logits[t] - logsumexp(logits)`` to float rounding,
+    for large logits too (no overflow), and a log-probability: exp of it over every target sums to 1."""
+    from irm.models import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 300, generator=g) * 8
+    logits[3] += 1e4  # shifted row: the stable form must not overflow
+    targets = torch.randint(0, 300, (7,), generator=g)
+    got = token_logprobs(logits, targets)
+    ref = logits.double()
+    want = (ref[torch.arange(7), targets] - torch.logsumexp(ref, -1)).float()  # float64 reference
+    assert got.shape == (7,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    every = token_logprobs(logits.repeat_interleave(300, 0), torch.arange(300).repeat(7)).view(7, 300)
+    torch.testing.assert_close(every.exp().sum(-1), torch.ones(7))
+    assert token_logprobs(logits[:0], targets[:0]).shape == (0,)
+
+
 # ----------------------------------------------------------------------------------------------
 # float32 CPU inference through oneDNN
 needs_onednn = pytest.mark.skipif(

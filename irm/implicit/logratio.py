@@ -221,9 +221,10 @@ class _Scorer:
             owners.append((i, pos))
         lp = np.zeros(0)
         if tg:
+            from irm.models import token_logprobs
+
             logits = self.hf.get_output_embeddings()(torch.cat(hs)).float()
-            lp = (logits.gather(-1, torch.tensor(tg, device=logits.device)[:, None])[:, 0]
-                  - torch.logsumexp(logits, -1)).cpu().numpy().astype(np.float64)
+            lp = token_logprobs(logits, torch.tensor(tg)).cpu().numpy().astype(np.float64)
         k = 0
         for r, (i, pos) in enumerate(owners):
             new = dict(zip(pos.tolist(), lp[k : k + len(pos)].tolist(), strict=True))
