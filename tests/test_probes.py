@@ -71,24 +71,40 @@ def _stats_in_shards(X, y, n_shards):
 
 
 # No check is expected to fail: an empty dict with xfail_strict means a check
-# that starts failing shows up as a failure. check_array_api_input is skipped
-# by sklearn itself unless SCIPY_ARRAY_API=1 is set before scipy is imported
-# (pytest -ra lists that skip); test_array_api_check_in_subprocess runs it.
-@parametrize_with_checks(
-    [
-        RidgeProbe(),
-        RidgeProbe(alpha="auto", standardize=True),
-        RidgeProbe(alpha=0.1, fit_intercept=False),
-        LogisticProbe(),
-        LogisticProbe(C=10.0, standardize=True),
-        PairwiseProbe(),
-        PairwiseProbe(standardize=True),
-    ],
-    expected_failed_checks=lambda est: {},
-    xfail_strict=True,
-)
+# that starts failing shows up as a failure. check_array_api_input runs only when
+# SCIPY_ARRAY_API=1 was set before scipy was imported (else sklearn skips it), so
+# it is taken out of this list and test_array_api_check_in_subprocess runs it on
+# every configuration, in a fresh interpreter with that variable set.
+PROBE_CONFIGS = [
+    RidgeProbe(),
+    RidgeProbe(alpha="auto", standardize=True),
+    RidgeProbe(alpha=0.1, fit_intercept=False),
+    LogisticProbe(),
+    LogisticProbe(C=10.0, standardize=True),
+    PairwiseProbe(),
+    PairwiseProbe(standardize=True),
+]
+_SUBPROCESS_CHECKS = ("check_array_api_input",)
+
+
+def _check_name(param) -> str:
+    _, check = param.values if hasattr(param, "values") else param
+    return getattr(check, "func", check).__name__
+
+
+_checks = parametrize_with_checks(PROBE_CONFIGS, expected_failed_checks=lambda est: {}, xfail_strict=True)
+_params = [p for p in _checks.args[1] if _check_name(p) not in _SUBPROCESS_CHECKS]
+
+
+@pytest.mark.parametrize(_checks.args[0], _params, **_checks.kwargs)
 def test_sklearn_compatible(estimator, check):
     check(estimator)
+
+
+def test_sklearn_checks_cover_every_config_and_only_move_the_array_api_check():
+    names = {_check_name(p) for p in _checks.args[1]}
+    assert set(_SUBPROCESS_CHECKS) <= names  # sklearn still has the check the subprocess runs
+    assert len(_checks.args[1]) - len(_params) == len(PROBE_CONFIGS) * len(_SUBPROCESS_CHECKS)
 
 
 def test_array_api_check_in_subprocess():
@@ -96,16 +112,17 @@ def test_array_api_check_in_subprocess():
     code = (
         "from sklearn.utils.estimator_checks import check_array_api_input\n"
         "from probes import RidgeProbe, LogisticProbe, PairwiseProbe\n"
-        "for est in (RidgeProbe(), RidgeProbe(alpha='auto'), LogisticProbe(), PairwiseProbe()):\n"
+        f"configs = [{', '.join(repr(e) for e in PROBE_CONFIGS)}]\n"
+        "for est in configs:\n"
         "    check_array_api_input(type(est).__name__, est, array_namespace='numpy',\n"
         "                          expect_only_array_outputs=False)\n"
-        "print('ok')\n"
+        "print('ok', len(configs))\n"
     )
     env = {**os.environ, "SCIPY_ARRAY_API": "1"}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"ok {len(PROBE_CONFIGS)}", proc.stderr[-3000:]
 
 
 # ------------------------------------------------------ streaming ridge == sklearn
