@@ -33,6 +33,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 os.environ.setdefault("IRM_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_linear import _max_diff  # noqa: E402 - the same comparison of results
+
 VOCAB, D = 49152, 576
 
 
@@ -54,17 +57,6 @@ def _median_pair(fa, fb, reps: int) -> tuple[float, float, object, object]:
         out_b = fb()
         tb.append(time.perf_counter() - t0)
     return statistics.median(ta), statistics.median(tb), out_a, out_b
-
-
-def _max_diff(a, b) -> float:
-    import numpy as np
-    import torch
-
-    if isinstance(a, (list, tuple)):
-        return max((_max_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
-    if isinstance(a, torch.Tensor):
-        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)), initial=0.0))
 
 
 def kernel(reps: int) -> None:
