@@ -4,7 +4,7 @@ Three ways to run the same texts through the same model, timed side by side in o
 repetitions interleaved (A B C A B C ...) so that load from other jobs hits every side alike; the
 medians are compared:
 
-- ``capture``: :func:`irm.capture.capture_activations` with every layer's ``hook_resid_post`` at
+- ``capture``: :func:`irm.activations.capture.capture_activations` with every layer's ``hook_resid_post`` at
   ``positions="all"``, written to a store on disk (tokenising, hooks, row gathering, safetensors
   and sha256 included);
 - ``capture_bridge``: the same through the TransformerBridge's hook points (``IRM_NATIVE_HOOKS=0``),
@@ -109,7 +109,7 @@ def throughput(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from irm.capture import capture_activations, records_from_texts
+    from irm.activations.capture import capture_activations, records_from_texts
     from irm.models import load_model
 
     m = load_model(args.model)
@@ -188,7 +188,7 @@ def rss_side(args) -> None:
     """In a fresh process: load, reset the peak, capture ``--n-texts`` texts, report peak RSS."""
     import torch
 
-    from irm.capture import capture_activations, records_from_texts
+    from irm.activations.capture import capture_activations, records_from_texts
     from irm.models import load_model
 
     torch.set_num_threads(args.threads)

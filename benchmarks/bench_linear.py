@@ -8,7 +8,7 @@ torch's x86 CPU wheels compute ``F.linear`` with MKL; :func:`irm.models.load_mod
 1. **Products** of SmolLM2-135M's shapes (rows x in x out): the MLP's 576 -> 1536 and 1536 -> 576, the
    attention's 576 -> 576 and 576 -> 192, the unembedding 576 -> 49,152; 4,096 rows (a batch of whole
    texts) and 32 (a generation step). Once on all torch threads, once as the pipeline runs a pair on a
-   CPU: two products side by side, one thread each (``irm.threads``).
+   CPU: two products side by side, one thread each (``irm.core.threads``).
 2. **The main job's work** on two copies of the model, side by side as in the pipeline, with every
    ``Linear`` switched between the two classes (:func:`irm.models.use_onednn_linear`): forward passes,
    log-ratio scoring of perturbed texts (the contrastive stage), generation (the evaluation and the
@@ -111,12 +111,12 @@ def workloads(model: str, reps: int) -> None:
 
     import torch
 
-    from irm.capture import capture_activations
+    from irm.activations.capture import capture_activations
+    from irm.core.threads import ModelThreads
     from irm.data import default_prompts
-    from irm.evaluate import generate
     from irm.implicit.logratio import token_log_ratios
     from irm.models import ModelPair, load_model, use_onednn_linear
-    from irm.threads import ModelThreads
+    from irm.models.generation import generate
 
     base, tuned = load_model(model), load_model(model)
     pair = ModelPair(base, tuned)

@@ -82,9 +82,9 @@ def kernel(reps: int) -> None:
 
 
 def workloads(model: str, reps: int) -> None:
-    import irm.capture as capture_mod
+    import irm.activations.capture as capture_mod
     import irm.models as models_mod
-    from irm.capture import capture_activations
+    from irm.activations.capture import capture_activations
     from irm.data import default_prompts
     from irm.implicit.logratio import token_log_ratios
     from irm.implicit.words import NEUTRAL_WORDS, TEMPLATES, word_records

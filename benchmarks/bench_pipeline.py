@@ -56,9 +56,9 @@ def _pipeline_order(names: list[str]) -> list[str]:
     """Stage names in the order the pipeline runs them (results.json stores them sorted by name)."""
     try:
         sys.path.insert(0, str(ROOT))
-        from irm.pipeline import STAGES, _import_stages
+        from irm.run.registry import STAGES, import_stages
 
-        _import_stages()
+        import_stages()
         order = {name: o for name, (o, _) in STAGES.items()}
     except Exception:  # a stage module that does not import yet: fall back to names
         order = {}

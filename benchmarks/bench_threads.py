@@ -1,4 +1,4 @@
-"""Both models of a pair side by side (irm.threads) against one after the other, on a CPU.
+"""Both models of a pair side by side (irm.core.threads) against one after the other, on a CPU.
 
 Two copies of the model (the same shapes as a base/tuned pair) run the same work both ways in one
 process, repetitions interleaved (A B A B ...) so that load from other jobs hits both alike; medians
@@ -61,10 +61,10 @@ def main() -> int:
 
     import torch
 
-    from irm.evaluate import generate
+    from irm.core.threads import ModelThreads, side_by_side_enabled
     from irm.implicit.logratio import token_log_ratios
     from irm.models import ModelPair, load_model
-    from irm.threads import ModelThreads, side_by_side_enabled
+    from irm.models.generation import generate
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from irm.constants import RUN_RESULTS
+from irm.core.constants import RUN_RESULTS
 
 __all__ = ["Run", "load_run"]
 
@@ -85,7 +85,7 @@ class Run:
 
     def wandb_run(self) -> dict[str, Any]:
         """The offline wandb run of this run (config, history, summary, artifacts)."""
-        from irm.tracking import find_offline_run, read_offline_run
+        from irm.run.wandb_offline import find_offline_run, read_offline_run
 
         p = find_offline_run(self.path)
         if p is None:

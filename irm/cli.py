@@ -15,7 +15,6 @@ Any config key can be overridden: ``--set capture.batch_size=8 --set seed=1``.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -24,27 +23,14 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set capture.batch_size=8")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v  # a bare string
-    return out
-
-
 def _load(args) -> Any:
-    from irm.config import load_config
+    from irm.run.config import load_config, parse_overrides
 
-    return load_config(args.config, overrides=_parse_set(args.set))
+    return load_config(args.config, overrides=parse_overrides(args.set))
 
 
 def _cmd_run(args) -> int:
-    from irm.pipeline import run_experiment
+    from irm.run.pipeline import run_experiment
 
     cfg = _load(args)
     ctx = run_experiment(cfg, force=args.force, only=args.only, skip=args.skip)
@@ -57,7 +43,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_capture(args) -> int:
-    from irm.pipeline import run_capture
+    from irm.run.pipeline import run_capture
 
     cfg = _load(args)
     if args.overwrite:
@@ -68,7 +54,7 @@ def _cmd_capture(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from irm.pipeline import run_experiment
+    from irm.run.pipeline import run_experiment
 
     cfg = _load(args)
     ctx = run_experiment(cfg, force=args.force, only=["reward", "tune", "pair", "evaluate"])
@@ -78,7 +64,7 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    from irm.pipeline import run_experiment
+    from irm.run.pipeline import run_experiment
 
     cfg = _load(args)
     # The IRMs are explained too, so the stages that build them run first.
@@ -89,14 +75,14 @@ def _cmd_explain(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from irm.report import write_report
+    from irm.run.report import write_report
 
     print(f"Report: {write_report(args.run_dir)}")
     return 0
 
 
 def _cmd_store(args) -> int:
-    from irm.store import ActivationStore
+    from irm.activations.store import ActivationStore
 
     store = ActivationStore(args.path, allow_incomplete=True)
     m = store.manifest
@@ -123,10 +109,11 @@ def _cmd_hooks(args) -> int:
 def _cmd_config(args) -> int:
     import dataclasses
 
-    from irm.config import _CORE, SECTIONS, _import_stage_modules
+    from irm.run.config import CORE_SECTIONS, SECTIONS
+    from irm.run.registry import import_stages
 
-    _import_stage_modules()
-    sections = {**_CORE, **SECTIONS}
+    import_stages()
+    sections = {**CORE_SECTIONS, **SECTIONS}
     wanted = [args.section] if args.section else list(sections)
     for name in wanted:
         if name not in sections:
@@ -183,14 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from irm.log import setup_logging
+    from irm.core.log import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging("DEBUG" if args.verbose else ("WARNING" if args.quiet else "INFO"))
     if args.quiet:
         os.environ["IRM_PROGRESS"] = "0"
-    from irm.config import ConfigError
-    from irm.store import StoreError
+    from irm.activations.store import StoreError
+    from irm.run.config import ConfigError
 
     try:
         return int(args.fn(args) or 0)

@@ -49,6 +49,6 @@ def smollm2():
 
 @pytest.fixture
 def seeded():
-    from irm.runs import seed_everything
+    from irm.run.rundir import seed_everything
 
     seed_everything(0)

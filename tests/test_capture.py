@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from irm.capture import (
+from irm.activations.capture import (
     StoreExistsError,
     capture_activations,
     expand_hooks,
     records_from_pairs,
     records_from_texts,
 )
+from irm.activations.store import ActivationStore, StoreError
 from irm.data import default_prompts
-from irm.store import ActivationStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -117,7 +117,7 @@ def test_position_rules(tiny_base, tmp_path):
 
 
 def test_unknown_hook_fails_before_any_forward_pass(tiny_base, tmp_path, monkeypatch):
-    import irm.capture as cap
+    import irm.activations.capture as cap
 
     def boom(*a, **k):
         raise AssertionError("a forward pass ran")
@@ -173,7 +173,7 @@ def test_reader_streams_batches_and_checks_names(tiny_base, tiny_tuned, tmp_path
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
-    import irm.capture as cap
+    import irm.activations.capture as cap
     from irm.models import load_model
     from irm.data import default_prompts
     args = json.loads(sys.argv[1])
@@ -318,7 +318,7 @@ def test_logprobs_from_the_capture_pass_equal_a_separate_scoring_pass(which, tin
 def test_shared_prefix_capture_equals_full_passes(which, tiny_base, tiny_tuned, request, tmp_path, monkeypatch):
     """share_prefix=True runs a shared prompt once and the rest of each record on its key/value cache:
     activations at every position (prompt ones included) and log-probabilities equal full passes."""
-    import irm.capture as cap
+    import irm.activations.capture as cap
     from irm.implicit.words import word_records
 
     monkeypatch.setattr(cap, "_MIN_PREFIX_SAVING", 1)  # share even the tiny groups of this test
@@ -353,7 +353,7 @@ def test_shared_prefix_capture_equals_full_passes(which, tiny_base, tiny_tuned, 
 def test_shared_prefix_capture_in_mixed_precision(smollm2, tmp_path, monkeypatch, caplog):
     """bfloat16 compute: the per-shard check runs in float32, so rounding does not switch sharing off, and
     the activations stay close to full passes in the same precision."""
-    import irm.capture as cap
+    import irm.activations.capture as cap
     from irm.implicit.words import word_records
     from irm.models import set_compute_dtype
 
@@ -381,7 +381,7 @@ def test_shared_prefix_falls_back_when_a_model_ignores_the_cache(native, tiny_ba
     """A model whose forward drops past_key_values would give wrong activations through a cached prefix:
     the per-shard check notices, warns, and the capture uses full passes (equal to share_prefix=False),
     with native hooks and through the bridge."""
-    import irm.capture as cap
+    import irm.activations.capture as cap
     from irm.implicit.words import word_records
 
     monkeypatch.setenv("IRM_NATIVE_HOOKS", native)
@@ -404,7 +404,7 @@ def test_shared_prefix_falls_back_when_a_model_ignores_the_cache(native, tiny_ba
 
 def _count_passes(monkeypatch):
     """Counts of forward passes with native hooks and through the bridge."""
-    import irm.capture as cap
+    import irm.activations.capture as cap
 
     counts = {"native": 0, "bridge": 0}
     for name, key in (("_native_pass", "native"), ("_bridge_pass", "bridge")):
@@ -423,7 +423,7 @@ def test_native_hooks_equal_bridge_hooks(which, tiny_base, tiny_tuned, request, 
     """Where every hook is an HF module's output, the capture runs the HF model with plain forward hooks:
     the store (left-padded batches, shared prefixes, log-probabilities) equals the bridge's, and the
     bridge runs only for the once-per-model check."""
-    import irm.capture as cap
+    import irm.activations.capture as cap
     from irm.implicit.words import word_records
 
     monkeypatch.setattr(cap, "_MIN_PREFIX_SAVING", 1)
@@ -474,7 +474,7 @@ def test_native_hooks_fall_back_when_they_differ_from_the_bridge(tiny_base, tmp_
     """If an HF module's output is not what the bridge's hook sees (here: block 1's hook mapped to block
     0), the once-per-model check warns and the capture goes through the bridge, with the bridge's values;
     a native pass that fails does the same."""
-    import irm.capture as cap
+    import irm.activations.capture as cap
 
     hooks = ["blocks.1.hook_resid_post"]
     kw = dict(hooks=hooks, positions="all", batch_size=2)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from irm.config import ConfigError, config_from_dict, load_config
+from irm.run.config import ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

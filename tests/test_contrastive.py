@@ -11,7 +11,6 @@ import pytest
 from irm.contrastive import (
     ATTRIBUTES,
     Attribute,
-    ContrastiveConfig,
     LLMRewriteGenerator,
     ProgrammaticGenerator,
     RandomSubstitution,
@@ -24,6 +23,7 @@ from irm.contrastive import (
 )
 from irm.contrastive.attributes import _CURT_SENTENCES, _FILLER_CLAUSES, _FILLER_SENTENCES
 from irm.contrastive.metrics import cluster_bootstrap_rate, kendall_tau, wilson_interval
+from irm.contrastive.stage import ContrastiveConfig
 from irm.contrastive.textops import (
     delete_phrases,
     edit_ops,
@@ -268,7 +268,9 @@ def test_comparisons_from_the_base_model_own_samples(tiny_base, vader):
 # ----------------------------------------------------------------------------------------------
 # LLM rewrite through an OpenAI-compatible server on loopback (scripted replies) and a local model
 def test_llm_rewrite_two_steps_over_an_openai_compatible_server(tiny_base, monkeypatch):
-    from irm.llm import Fault, LocalChatLLM, OpenAICompatibleLLM, OpenAICompatibleServer
+    from llm_server import Fault, OpenAICompatibleServer
+
+    from irm.llm import LocalChatLLM, OpenAICompatibleLLM
 
     with OpenAICompatibleServer(LocalChatLLM(tiny_base), model_name="tiny", max_requests=20) as srv:
         monkeypatch.setenv("IRM_LLM_BASE_URL", srv.base_url)
@@ -309,7 +311,7 @@ def test_llm_rewrite_failures_are_reported_not_fatal(tiny_base, vader, sample30,
 # ----------------------------------------------------------------------------------------------
 # config and stage
 def test_config_section_validates():
-    from irm.config import ConfigError, config_from_dict
+    from irm.run.config import ConfigError, config_from_dict
 
     cfg = config_from_dict({"contrastive": {"n_comparisons": 5, "llm": {"kind": "local", "model": "tiny-llama"}}})
     sec = cfg.section("contrastive")
@@ -322,9 +324,10 @@ def test_config_section_validates():
 
 
 def test_stage_explains_the_explicit_rm_and_the_run_irms(tmp_path):
-    from irm.config import config_from_dict
-    from irm.pipeline import STAGES, open_context
-    from irm.tracking import read_offline_run
+    from irm.run.config import config_from_dict
+    from irm.run.pipeline import open_context
+    from irm.run.registry import STAGES
+    from irm.run.wandb_offline import read_offline_run
 
     cfg = config_from_dict({"name": "ct", "run_dir": str(tmp_path / "run"), "models": {"base": "tiny-llama"},
                             "data": {"limit": 16},

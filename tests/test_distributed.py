@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from irm.store import ActivationStore
+from irm.activations.store import ActivationStore
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "tiny.toml")
@@ -27,7 +27,8 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from irm.distributed import destroy, fit_ridge_from_store, get_rank, get_world_size, init_distributed, main
+    from irm.activations.distributed import destroy, fit_ridge_from_store, get_rank, get_world_size, init_distributed
+    from irm.run.distributed import main
 
     args = json.loads(sys.argv[1])
     init_distributed()
@@ -144,7 +145,13 @@ def test_two_ranks_give_the_store_and_probes_of_one_process(tmp_path, monkeypatc
 
 
 def test_outside_torchrun_everything_is_one_process(monkeypatch):
-    from irm.distributed import all_reduce_stats, barrier, get_rank, get_world_size, init_distributed
+    from irm.activations.distributed import (
+        all_reduce_stats,
+        barrier,
+        get_rank,
+        get_world_size,
+        init_distributed,
+    )
     from probes import RidgeSufficientStats
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -157,7 +164,7 @@ def test_outside_torchrun_everything_is_one_process(monkeypatch):
 
 
 def test_world_size_without_a_launcher_says_how_to_launch(monkeypatch):
-    from irm.distributed import init_distributed
+    from irm.activations.distributed import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):

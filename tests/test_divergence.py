@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from irm.divergence import (
+from irm.models import ModelPair, ModelPairMismatch, TinyRecipe, build_tiny_llama, load_model
+from irm.pair.divergence import (
     DIVERGENCE_JSON,
     activation_divergence,
     block_modules,
     layer_divergence,
     parameter_divergence,
 )
-from irm.models import ModelPair, ModelPairMismatch, TinyRecipe, build_tiny_llama, load_model
 
 TEXTS = [
     "This movie was",
@@ -104,7 +104,7 @@ def test_activation_divergence_of_a_bridged_pair(pair_dirs, pair):
 
 def test_hooks_read_resid_post(pair):
     """The hooked block outputs are HF's hidden states (all but the last, which HF returns post-norm)."""
-    from irm.divergence import _resid_post_hooks
+    from irm.pair.divergence import _resid_post_hooks
 
     m = pair.base.hf_model
     store = [None] * 4

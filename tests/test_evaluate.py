@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from irm.evaluate import (
+from irm.models import ModelPair, TinyRecipe, build_tiny_llama
+from irm.models.generation import generate
+from irm.pair.evaluate import (
     EVAL_JSON,
     EVAL_SAMPLES_JSONL,
     EVAL_SAMPLES_MD,
@@ -17,11 +19,9 @@ from irm.evaluate import (
     distinct_n,
     evaluate_pair,
     evaluation_metrics,
-    generate,
     repetition_report,
     seq_rep_n,
 )
-from irm.models import ModelPair, TinyRecipe, build_tiny_llama
 from irm.rewards import TokenUtilityRM
 
 PROMPTS = ["This movie was", "I rented this film because", "The acting", "Bad", "A long and boring story about"]
@@ -167,7 +167,7 @@ def test_memo_reuses_and_continues_completions(pair):
     """A memo's completion is cut to a shorter max_new_tokens without a forward pass, and an unfinished
     one is continued from where it stopped (its stream skips the draws made): the same tokens as
     sampling from the start, with fewer forward passes."""
-    from irm.evaluate import GenerationMemo
+    from irm.models.generation import GenerationMemo
 
     m = pair.base
     kw = dict(n_samples_per_prompt=2, seed=3, batch_size=4)
@@ -204,7 +204,7 @@ def test_memo_reuses_and_continues_completions(pair):
 
 def test_memo_keeps_finished_completions(pair):
     """A completion that ended on an end-of-sequence token is final: a longer call reuses it as it is."""
-    from irm.evaluate import GenerationMemo
+    from irm.models.generation import GenerationMemo
 
     m = pair.base
     kw = dict(n_samples_per_prompt=2, seed=3, batch_size=4)
@@ -232,7 +232,7 @@ def test_memo_keeps_finished_completions(pair):
 
 def test_row_sampler_draws_from_the_softmax():
     """Gumbel-max on a fixed distribution: the empirical frequencies match softmax(scores / T)."""
-    from irm.evaluate import RowSampler
+    from irm.models.generation import RowSampler
 
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
     for temperature in (1.0, 0.5):
@@ -312,7 +312,7 @@ def test_evaluate_pair_fills_a_memo_that_the_comparisons_continue(pair, rm, tmp_
     """The pipeline's order: the evaluation samples 6 tokens per prompt into the run's memo, the
     contrastive comparisons continue them to 9: the same comparisons as sampled from scratch."""
     from irm.contrastive.comparisons import comparisons_from_pair
-    from irm.evaluate import GenerationMemo
+    from irm.models.generation import GenerationMemo
 
     memo = GenerationMemo()
     ev = evaluate_pair(pair, rm, PROMPTS, max_new_tokens=6, seed=2, run_dir=tmp_path, memo=memo)

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from irm.capture import capture_activations, records_from_texts
-from irm.config import ConfigError, config_from_dict
+from irm.activations.capture import capture_activations, records_from_texts
 from irm.data import default_prompts
 from irm.features import (
     FeatureRecord,
@@ -41,6 +40,7 @@ from irm.features import (
 from irm.features.sae import eval_text_mask
 from irm.llm import LLM_CLIENTS, ParseLog, register_llm
 from irm.rewards.lexicon import TokenUtilityRM
+from irm.run.config import ConfigError, config_from_dict
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -462,9 +462,10 @@ def _tiny_cfg(tmp_path, **features):
 def _run_stages(cfg, base, tuned):
     """The reward, irm and features stages on models already in memory (no reload per test)."""
     from irm.models import ModelPair
-    from irm.pipeline import STAGES, _import_stages, open_context
+    from irm.run.pipeline import open_context
+    from irm.run.registry import STAGES, import_stages
 
-    _import_stages()
+    import_stages()
     ctx = open_context(cfg)
     ctx.base = base
     ctx.pair = ModelPair(base, tuned) if tuned is not None else None
@@ -477,7 +478,7 @@ def _run_stages(cfg, base, tuned):
 
 
 def test_features_stage_end_to_end_on_a_tiny_pair(tmp_path, tiny_base, tiny_tuned):
-    from irm.report import write_report
+    from irm.run.report import write_report
 
     cfg = _tiny_cfg(tmp_path, llm={"kind": "test-hash", "model": "x", "cache": False})
     ctx = _run_stages(cfg, tiny_base, tiny_tuned)

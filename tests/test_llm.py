@@ -9,17 +9,16 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from llm_server import Fault, OpenAICompatibleServer
 
 from irm.llm import (
     LLM_CLIENTS,
     CachedLLM,
-    Fault,
     LLMClient,
     LLMConfig,
     LLMError,
     LocalChatLLM,
     OpenAICompatibleLLM,
-    OpenAICompatibleServer,
     ParseLog,
     build_llm,
     complete_many,
@@ -351,7 +350,7 @@ def test_generation_through_a_shared_prompt_prefix_equals_plain_batches(smollm2,
     """The start every prompt of a call shares (system prompt, few-shot examples) is run once; the replies
     and the first step's log-probabilities equal plain left-padded batches (also with two batches at once
     sharing the cached prefix: two threads)."""
-    import irm.llm as llm_mod
+    import irm.llm.local as llm_mod
 
     old = torch.get_num_threads()
     torch.set_num_threads(n_threads)
@@ -378,7 +377,7 @@ def _shared_prefix_equals_plain(smollm2, monkeypatch, temperature, llm_mod):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_a_wrong_prefix_cache_is_caught_and_generation_falls_back(smollm2, monkeypatch, caplog, n_threads):
-    import irm.llm as llm_mod
+    import irm.llm.local as llm_mod
 
     old = torch.get_num_threads()
     torch.set_num_threads(n_threads)  # 2: two batches at once on the wrong cache, both redone

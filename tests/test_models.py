@@ -188,7 +188,7 @@ def test_embedded_smollm2_loads_and_caches_plain_checkpoint(smollm2):
 def test_compute_dtype_runs_the_blocks_in_mixed_precision_and_is_undone(tmp_path):
     """bfloat16 autocast inside the blocks only: fp32 weights, residual stream and unembedding; the
     setting is part of the identity (stores are not mixed) and can be switched off again exactly."""
-    from irm.capture import capture_activations, records_from_texts
+    from irm.activations.capture import capture_activations, records_from_texts
     from irm.models import compute_dtype, set_compute_dtype
 
     m = load_model("tiny-llama")  # a fresh copy: the setting changes the model object
@@ -237,7 +237,7 @@ def test_compute_dtype_runs_the_blocks_in_mixed_precision_and_is_undone(tmp_path
 
 
 def test_compute_dtype_needs_float32_weights():
-    from irm.config import ConfigError, ModelsConfig
+    from irm.run.config import ConfigError, ModelsConfig
 
     with pytest.raises(ValueError, match="float32 weights"):
         load_model("tiny-llama", dtype="bfloat16", compute_dtype="bfloat16")

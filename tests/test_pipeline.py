@@ -62,7 +62,7 @@ def test_no_secret_in_any_file(tiny_run):
 
 
 def test_offline_wandb_run_holds_config_metrics_tables_artifacts(tiny_run):
-    from irm.tracking import find_offline_run, read_offline_run
+    from irm.run.wandb_offline import find_offline_run, read_offline_run
 
     wb = read_offline_run(find_offline_run(tiny_run))
     assert wb["config"]["models"]["base"] == "tiny-llama"

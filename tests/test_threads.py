@@ -1,4 +1,4 @@
-"""irm.threads: the two models of a pair side by side on a CPU, with the same results as one after the other."""
+"""irm.core.threads: the two models of a pair side by side on a CPU, with the same results as one after the other."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from irm.threads import ModelThreads, run_side_by_side, side_by_side_enabled
+from irm.core.threads import ModelThreads, run_side_by_side, side_by_side_enabled
 
 
 @pytest.fixture
@@ -106,10 +106,11 @@ def test_pair_work_equals_one_model_after_the_other(switch, tiny_base, tiny_tune
     evaluation give the same numbers side by side ("1") as one model after the other ("0"): the same
     tokens, and values equal to float rounding (a thread count of 1 instead of 2 can change the order of
     a few sums in torch's CPU kernels: 4e-9 at most on the tiny pair)."""
-    import irm.capture as cap
-    from irm.capture import capture_activations, records_from_pairs
-    from irm.evaluate import completion_kl, generate
+    import irm.activations.capture as cap
+    from irm.activations.capture import capture_activations, records_from_pairs
     from irm.implicit.logratio import token_log_ratios
+    from irm.models.generation import generate
+    from irm.pair.evaluate import completion_kl
 
     pair = _tiny_pair(tiny_base, tiny_tuned)
     prompts = ["the movie was", "the movie was", "i thought the film", "a story of"] * 3
@@ -148,7 +149,7 @@ def test_pair_work_equals_one_model_after_the_other(switch, tiny_base, tiny_tune
 
 
 def test_run_side_by_side_on_the_pair(tiny_base, tiny_tuned, two_threads):
-    from irm.evaluate import generate
+    from irm.models.generation import generate
 
     pair = _tiny_pair(tiny_base, tiny_tuned)
     calls = [lambda m=m: generate(m.hf_model, m.tokenizer, ["the movie was"], max_new_tokens=4, seed=0).completions

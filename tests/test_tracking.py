@@ -1,4 +1,4 @@
-"""Tests for irm.tracking: redaction, modes, and what an offline wandb run really contains."""
+"""Tests for irm.run.tracking: redaction, modes, and what an offline wandb run really contains."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from irm.tracking import (
-    REDACTED,
-    Tracker,
-    find_offline_run,
-    read_offline_run,
-    redact,
-    resolve_mode,
-)
+from irm.core.io import REDACTED, redact
+from irm.run.tracking import Tracker, resolve_mode
+from irm.run.wandb_offline import find_offline_run, read_offline_run
 
 # Planted fake secrets: they must never reach any file of a run.
 FAKE_OPENAI = "sk-irmTESTfake0123456789abcdefXYZ"

@@ -17,8 +17,7 @@ import torch
 
 from irm.data import default_prompts
 from irm.models import ModelPair, load_model
-from irm.rewards import TokenUtilityRM
-from irm.tune import (
+from irm.pair.tune import (
     CURVES_JSON,
     SPLIT_JSON,
     TUNE_CONFIG_JSON,
@@ -28,6 +27,7 @@ from irm.tune import (
     tune,
     tune_key,
 )
+from irm.rewards import TokenUtilityRM
 
 TINY = "tiny-llama:n_layers=2"
 # Fast settings for the tiny model: short completions, 4 prompts x 8 generations per step.
@@ -58,7 +58,7 @@ def planted(cache):
 
 @pytest.fixture(scope="module")
 def tuned(cache, planted, tmp_path_factory):
-    from irm.tracking import Tracker
+    from irm.run.tracking import Tracker
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = TuneConfig(steps=12, learning_rate=0.1, **TINY_KW)

@@ -47,7 +47,6 @@ from irm.contrastive.perturb import (
     build_generator,
     register_generator,
 )
-from irm.contrastive.stage import ContrastiveConfig, run_contrastive, write_outputs
 from irm.contrastive.textops import Edit, EditResult
 
 __all__ = [
@@ -55,7 +54,6 @@ __all__ = [
     "Attribute",
     "Candidate",
     "Comparison",
-    "ContrastiveConfig",
     "ContrastiveResult",
     "Edit",
     "EditResult",
@@ -77,7 +75,5 @@ __all__ = [
     "register_attribute",
     "register_generator",
     "resolve_attributes",
-    "run_contrastive",
     "split_hh_dialogue",
-    "write_outputs",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from irm.contrastive.explain import Comparison
-from irm.log import get_logger
+from irm.core.log import get_logger
 
 __all__ = [
     "SAMPLE",
@@ -147,15 +147,15 @@ def comparisons_from_pair(pair: Any, prompts: Sequence[str], rm: Any, n: int, *,
 
     Prompts are answered ``n`` at a time until ``n`` non-tied comparisons are found (ties are common
     for a lexicon RM on short texts), using at most ``3 n`` prompts. ``memo``: an
-    :class:`irm.evaluate.GenerationMemo` (completions of these prompts sampled earlier are continued).
+    :class:`irm.pair.evaluate.GenerationMemo` (completions of these prompts sampled earlier are continued).
     """
-    from irm.evaluate import generate
-    from irm.threads import run_side_by_side
+    from irm.core.threads import run_side_by_side
+    from irm.models.generation import generate
 
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size, memo=memo)
 
     def make(chunk: list[str], offset: int) -> list[Comparison]:
-        base, tuned = run_side_by_side(  # at the same time on a CPU (irm.threads)
+        base, tuned = run_side_by_side(  # at the same time on a CPU (irm.core.threads)
             [lambda: generate(pair.base.hf_model, pair.base.tokenizer, chunk, desc="contrastive: base", **kw),
              lambda: generate(pair.tuned.hf_model, pair.tuned.tokenizer, chunk, desc="contrastive: tuned", **kw)],
             [pair.base, pair.tuned])
@@ -169,7 +169,7 @@ def comparisons_from_model(model: Any, prompts: Sequence[str], rm: Any, n: int, 
                            temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
                            memo: Any = None) -> list[Comparison]:
     """Two samples of one model per prompt, ordered by the explicit ``rm`` (ties dropped)."""
-    from irm.evaluate import generate
+    from irm.models.generation import generate
 
     def make(chunk: list[str], offset: int) -> list[Comparison]:
         g = generate(model.hf_model, model.tokenizer, chunk, n_samples_per_prompt=2, max_new_tokens=max_new_tokens,

@@ -53,7 +53,7 @@ from irm.contrastive.perturb import (
     item_rng,
 )
 from irm.contrastive.textops import normalized_edit_distance, words
-from irm.log import get_logger
+from irm.core.log import get_logger
 
 __all__ = ["Comparison", "Candidate", "ContrastiveResult", "explain", "TARGETS", "baseline_name"]
 

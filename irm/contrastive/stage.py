@@ -11,7 +11,7 @@ same comparisons, and writes:
 - ``contrastive.md``: the same as tables, RMs side by side, and the representative examples with
   their counterfactuals and semifactuals;
 - wandb tables ``contrastive/pfr``, ``contrastive/coverage``, ``contrastive/validity``,
-  ``contrastive/examples``, ``contrastive/candidates`` (via :class:`irm.tracking.Tracker`).
+  ``contrastive/examples``, ``contrastive/candidates`` (via :class:`irm.run.tracking.Tracker`).
 
 Default: 30 comparisons, programmatic perturbations and the random baseline (a few seconds for the
 lexicon RM). LLM rewrites are opt-in (``generators = ["programmatic", "llm_rewrite"]``), limited to
@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from irm.config import ConfigError, register_section
 from irm.contrastive.attributes import ATTRIBUTES, get_attribute
 from irm.contrastive.explain import TARGETS, ContrastiveResult, explain
 from irm.contrastive.perturb import GENERATORS, LLMRewriteGenerator, build_generator
+from irm.core.log import get_logger
 from irm.llm import LLMConfig
-from irm.log import get_logger
-from irm.pipeline import RunContext, stage
+from irm.run.config import ConfigError, register_section
+from irm.run.registry import RunContext, stage
 
 __all__ = ["ContrastiveConfig", "run_contrastive", "write_outputs", "collect_reward_models", "SOURCES"]
 

@@ -1,7 +1,7 @@
 """Features of base and tuned: sparse autoencoders (sae-lens), dictionary comparison (MMCS), autointerp
 with an LLM, and the implicit reward model checked against the features.
 
-Importing this package registers the ``features`` pipeline stage and its ``[features]`` config section.
+The ``features`` pipeline stage and its ``[features]`` config section are in :mod:`irm.features.stage`.
 
 >>> from irm.features import SAETrainConfig, train_sae, compare_dictionaries, decoder_directions
 >>> base = train_sae(store, "base", "blocks.3.hook_resid_post", SAETrainConfig(steps=300))
@@ -42,12 +42,10 @@ from irm.features.sae import (
     store_data_provider,
     train_sae,
 )
-from irm.features.stage import FeaturesConfig, run_features
 
 __all__ = [
     "DictionaryComparison",
     "FeatureRecord",
-    "FeaturesConfig",
     "SAETrainConfig",
     "TokenTable",
     "TrainedSAE",
@@ -72,7 +70,6 @@ __all__ = [
     "parse_classification",
     "precision_recall",
     "pretrained_sae_ids",
-    "run_features",
     "save_sae",
     "store_data_provider",
     "train_sae",

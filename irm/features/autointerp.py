@@ -60,7 +60,7 @@ class TokenTable:
     """The store's texts tokenised as the capture did, so store rows map back to characters.
 
     ``starts[t]`` is the store row of text ``t``'s first token (rows of one text are contiguous, in
-    position order, as :func:`irm.capture.capture_activations` writes them with ``positions="all"``).
+    position order, as :func:`irm.activations.capture.capture_activations` writes them with ``positions="all"``).
     """
 
     texts: list[str]

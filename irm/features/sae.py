@@ -1,4 +1,4 @@
-"""Sparse autoencoders with sae-lens, trained on an :class:`~irm.store.ActivationStore`.
+"""Sparse autoencoders with sae-lens, trained on an :class:`~irm.activations.store.ActivationStore`.
 
 sae-lens's :class:`~sae_lens.SAETrainer` never sees a model: it takes a ``DataProvider``, an iterator
 of ``[batch, d_in]`` tensors. :func:`store_data_provider` is that iterator over our store (shuffled
@@ -37,8 +37,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from irm.log import get_logger
-from irm.store import ActivationStore, StoreError
+from irm.activations.store import ActivationStore, StoreError
+from irm.core.log import get_logger
 
 __all__ = [
     "ARCHITECTURES",

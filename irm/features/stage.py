@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from irm.config import ConfigError, register_section
+from irm.core.log import get_logger
 from irm.features.autointerp import (
     FeatureRecord,
     TokenTable,
@@ -60,8 +60,8 @@ from irm.features.sae import (
     train_sae,
 )
 from irm.llm import LLMConfig
-from irm.log import get_logger
-from irm.pipeline import RunContext, stage
+from irm.run.config import ConfigError, register_section
+from irm.run.registry import RunContext, stage
 
 __all__ = ["FeaturesConfig", "build_texts", "choose_layers", "select_features", "run_features"]
 
@@ -286,7 +286,7 @@ def _stage_features(ctx: RunContext) -> None:
 
 def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
     """Run the stage on ``ctx`` with ``cfg``; returns (and writes) the ``features`` results section."""
-    from irm.capture import StoreExistsError, capture_activations, records_from_texts
+    from irm.activations.capture import StoreExistsError, capture_activations, records_from_texts
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -630,7 +630,7 @@ def _plots(ctx: RunContext, section: dict[str, Any], per_hook: dict[str, Any], n
 # ----------------------------------------------------------------------------------------------
 def _register_renderer() -> None:
     try:
-        from irm.report import ci, fmt, md_table, renderer
+        from irm.run.report import ci, fmt, md_table, renderer
     except ImportError:  # the report module is optional for this stage
         return
 

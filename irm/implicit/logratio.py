@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from irm.log import get_logger
+from irm.core.log import get_logger
 from irm.rewards.base import BaseRewardModel
 
 log = get_logger(__name__)
@@ -386,9 +386,9 @@ def token_log_ratios(
     pair, prompts: Sequence[str], responses: Sequence[str], *, beta: float = 1.0, **kw
 ) -> list[np.ndarray]:
     """``beta * (log p_tuned - log p_base)`` of every response token: one array per response."""
-    from irm.threads import run_side_by_side
+    from irm.core.threads import run_side_by_side
 
-    # The two models at the same time on a CPU (irm.threads); one after the other elsewhere.
+    # The two models at the same time on a CPU (irm.core.threads); one after the other elsewhere.
     lt, lb = run_side_by_side([lambda: response_logprobs(pair.tuned, prompts, responses, **kw),
                                lambda: response_logprobs(pair.base, prompts, responses, **kw)],
                               [pair.tuned, pair.base])

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from irm.capture import StoreExistsError, capture_activations
-from irm.config import ConfigError, register_section
+from irm.activations.capture import StoreExistsError, capture_activations
+from irm.core.log import get_logger
 from irm.implicit.logratio import LogRatioRM
 from irm.implicit.reconstruct import (
     UNSUPERVISED,
@@ -27,9 +27,9 @@ from irm.implicit.reconstruct import (
     summarise,
 )
 from irm.implicit.words import NEUTRAL_WORDS, TEMPLATES, WordSplit, build_triples, word_records
-from irm.log import get_logger
-from irm.pipeline import RunContext, stage
 from irm.rewards import TokenUtilityRM
+from irm.run.config import ConfigError, register_section
+from irm.run.registry import RunContext, stage
 
 __all__ = ["IRMConfig", "collect_word_data", "sequence_agreement"]
 

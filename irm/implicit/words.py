@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from irm.capture import CaptureRecord
+from irm.activations.capture import CaptureRecord
 from irm.implicit.logratio import response_logprobs
 
 __all__ = ["TEMPLATES", "NEUTRAL_WORDS", "WordSplit", "word_logprobs", "word_records", "Triple", "build_triples"]

@@ -10,7 +10,7 @@ The tuned model is written as a plain HF checkpoint (``irm.models.load_model(pat
         tune_config.json    TuneConfig, seed, base and RM identities, prompt hash, versions, wall time
         curves.json         per step: reward mean/std, kl, loss, ... and held-out reward every eval_every
         split.json          the train and held-out prompts
-        evaluation.json     irm.evaluate.evaluate_pair on the held-out prompts (final_eval=True)
+        evaluation.json     irm.pair.evaluate.evaluate_pair on the held-out prompts (final_eval=True)
 
 ``<key>`` hashes (base identity, RM identity, tune config, prompts): a second call with the same
 inputs returns the cached model (``reused=True``); ``force=True`` retrains.
@@ -49,10 +49,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from irm.constants import CHECKPOINT_SOURCE
+from irm.core.constants import CHECKPOINT_SOURCE
+from irm.core.log import get_logger
 from irm.data import split_texts, texts_hash
-from irm.evaluate import EVAL_JSON
-from irm.log import get_logger
+from irm.pair.evaluate import EVAL_JSON
 
 __all__ = [
     "TuneConfig",
@@ -119,7 +119,7 @@ class TuneConfig:
     num_threads: int | None = _f(None, "torch CPU threads while tuning; None keeps torch's setting. On a CPU "
                                        "shared with other jobs, 1 can be several times faster than 2.",
                                  in_key=False)
-    final_eval: bool = _f(True, "Run irm.evaluate.evaluate_pair on all held-out prompts after tuning and "
+    final_eval: bool = _f(True, "Run irm.pair.evaluate.evaluate_pair on all held-out prompts after tuning and "
                                 "save it beside the model.", in_key=False)
 
     def __post_init__(self) -> None:
@@ -412,7 +412,7 @@ def _make_callback(*, config: TuneConfig, eval_prompts: list[str], rm, tokenizer
                    partial: Path, t0: float):
     from transformers import TrainerCallback
 
-    from irm.evaluate import generate
+    from irm.models.generation import generate
 
     def held_out_eval(model, step: int) -> None:
         gens = generate(model, tokenizer, eval_prompts, max_new_tokens=config.max_new_tokens,
@@ -588,7 +588,7 @@ def tune(
     cache_root: the model lands in ``cache_root/tuned/<key>/``.
     run_dir: if given, ``tune.json`` (the result without the model) and ``tune_curves.png`` go there.
     force: retrain even if the cache holds this model.
-    tracker: an :class:`irm.tracking.Tracker` or None; logs ``tune/...`` keys with the trainer step.
+    tracker: an :class:`irm.run.tracking.Tracker` or None; logs ``tune/...`` keys with the trainer step.
     device: ``"cpu"``, ``"cuda"``, ``"auto"``...
 
     Returns a :class:`TuneResult`; ``result.checkpoint`` loads with ``irm.models.load_model``.
@@ -701,8 +701,8 @@ def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, fo
 
 
 def _final_eval(base_spec: str, out: Path, rm, held_out: list[str], config: TuneConfig, dev) -> dict[str, Any]:
-    from irm.evaluate import evaluate_pair
     from irm.models import ModelPair, load_model
+    from irm.pair.evaluate import evaluate_pair
 
     with _quiet():
         pair = ModelPair(load_model(base_spec, device=dev), load_model(str(out), device=dev))

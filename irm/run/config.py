@@ -12,12 +12,16 @@ keys are read from the environment, never from a config.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+from irm.core.constants import POSITION_RULES
+from irm.run.registry import import_stages
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +38,10 @@ __all__ = [
     "ExperimentConfig",
     "load_config",
     "config_from_dict",
+    "parse_overrides",
+    "register_section",
+    "SECTIONS",
+    "CORE_SECTIONS",
 ]
 
 
@@ -132,8 +140,6 @@ class CaptureConfig:
     overwrite: bool = _help("Replace an existing store made with other settings.", False)
 
     def __post_init__(self) -> None:
-        from irm.capture import POSITION_RULES
-
         if self.positions not in POSITION_RULES:
             raise ConfigError(f"[capture] positions {self.positions!r} is not one of {POSITION_RULES}.")
         if isinstance(self.layers, str) and self.layers != "all":
@@ -204,7 +210,7 @@ def register_section(name: str, cls: type) -> None:
     SECTIONS[name] = cls
 
 
-_CORE = {"models": ModelsConfig, "reward": RewardConfig, "data": DataConfig, "capture": CaptureConfig,
+CORE_SECTIONS = {"models": ModelsConfig, "reward": RewardConfig, "data": DataConfig, "capture": CaptureConfig,
          "tracking": TrackingConfig}
 
 
@@ -266,20 +272,20 @@ def _check_type(value: Any, tp: Any, where: str) -> None:
 
 def config_from_dict(data: dict[str, Any], *, source: str | None = None) -> ExperimentConfig:
     """Build and validate an :class:`ExperimentConfig` from a parsed TOML mapping."""
-    _import_stage_modules()
+    import_stages()
     data = dict(data)
     kwargs: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    for key, cls in _CORE.items():
+    for key, cls in CORE_SECTIONS.items():
         if key in data:
             kwargs[key] = _build(cls, data.pop(key), key)
     for key in list(data):
         if key in SECTIONS:
             extra[key] = _build(SECTIONS[key], data.pop(key), key)
-    top = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"extra", "source", *_CORE}
+    top = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"extra", "source", *CORE_SECTIONS}
     unknown = [k for k in data if k not in top]
     if unknown:
-        valid = sorted(top | set(_CORE) | set(SECTIONS))
+        valid = sorted(top | set(CORE_SECTIONS) | set(SECTIONS))
         hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, valid, n=1)) else "")
                  for k in unknown]
         raise ConfigError(f"Unknown top-level key(s) or section(s) {', '.join(hints)}; valid: {valid}.")
@@ -309,13 +315,16 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError(f"{path}: {e}") from e
 
 
-def _import_stage_modules() -> None:
-    """Import the modules that register config sections (tune, irm, features, contrastive...)."""
-    import importlib
-
-    for mod in ("irm.pair_stages", "irm.implicit.stage", "irm.features", "irm.contrastive", "irm.report"):
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["capture.batch_size=8", "seed=1"]`` (``--set`` arguments) as ``{dotted key: value}``: values are
+    Python literals where they parse as one, else bare strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set capture.batch_size=8")
+        k, v = item.split("=", 1)
         try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of its imports failed: surface it
-                raise
+            out[k.strip()] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v  # a bare string
+    return out

@@ -7,33 +7,31 @@ Probe fitting reads the same split of shards on each rank, sums the ridge suffic
 one all-reduce, and so every rank ends with the exact fit of the whole store.
 
 Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here runs as one process.
+The command-line entry point is :mod:`irm.run.distributed`:
 
-    torchrun --nproc_per_node 2 -m irm.distributed capture experiments/tiny.toml            # CPU, gloo
-    torchrun --nproc_per_node 8 -m irm.distributed capture experiments/default.toml \\
-        --set models.device=cuda                                                          # 8 GPUs, nccl
+    torchrun --nproc_per_node 2 -m irm.run.distributed capture experiments/tiny.toml            # CPU, gloo
+    torchrun --nproc_per_node 8 -m irm.run.distributed capture experiments/default.toml \\
+        --set models.device=cuda                                                  # 8 GPUs, nccl
 
 >>> info = init_distributed()
->>> store = distributed_capture(load_config("experiments/tiny.toml"))
+>>> store = ActivationStore("runs/tiny/store")
 >>> probe = fit_ridge_from_store(store, "tuned", "blocks.3.hook_resid_post", rewards_per_text)
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from irm.log import get_logger
+from irm.core.log import get_logger
 
 if TYPE_CHECKING:  # probes pulls in scikit-learn; capture imports this module for barrier() alone
     from probes import RidgeProbe, RidgeSufficientStats
@@ -49,14 +47,13 @@ __all__ = [
     "all_reduce_stats",
     "ridge_stats_from_store",
     "fit_ridge_from_store",
-    "distributed_capture",
-    "main",
+    "destroy",
 ]
 
 log = get_logger(__name__)
 
 #: A target function: ``(x [rows, d], index) -> y [rows] or [rows, k]`` for one shard's rows, where
-#: ``index`` holds the shard's ``text``, ``pos`` and ``token`` int64 tensors (see :mod:`irm.store`).
+#: ``index`` holds the shard's ``text``, ``pos`` and ``token`` int64 tensors (see :mod:`irm.activations.store`).
 TargetFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], Any]
 
 
@@ -111,7 +108,7 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 1800.0) -
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"WORLD_SIZE={world_size} is set but {missing} are not: launch with "
-                           "`torchrun --nproc_per_node N -m irm.distributed ...`, which sets them all.")
+                           "`torchrun --nproc_per_node N -m irm.run.distributed ...`, which sets them all.")
     if not dist.is_available():
         raise RuntimeError("This torch build has no torch.distributed; install a build that has it.")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -208,7 +205,7 @@ def all_reduce_stats(stats: RidgeSufficientStats) -> RidgeSufficientStats:
 
 
 def _open_store(store: Any):
-    from irm.store import ActivationStore
+    from irm.activations.store import ActivationStore
 
     return store if isinstance(store, ActivationStore) else ActivationStore(store)
 
@@ -295,117 +292,3 @@ def fit_ridge_from_store(
     stats = ridge_stats_from_store(store, role, hook, targets, texts=texts, device=device)
     probe = RidgeProbe(alpha=alpha, fit_intercept=fit_intercept, standardize=standardize, alphas=alphas)
     return probe.fit_stats(stats)
-
-
-# ----------------------------------------------------------------------------------------------
-def _device_for_rank(device: str, info: DistInfo) -> str:
-    """One GPU per rank: 'cuda', 'auto' or 'cuda:N' become 'cuda:LOCAL_RANK' under a process group."""
-    if info.world_size > 1 and (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
-        return f"cuda:{info.local_rank}"
-    return device
-
-
-def distributed_capture(cfg: Any, *, overwrite: bool | None = None):
-    """``irm capture CONFIG`` on every rank of a process group (or alone, outside one).
-
-    Rank 0 makes the run directory, writes ``results.json`` and the wandb run, as
-    :func:`irm.pipeline.run_capture` does; every rank loads the models (on GPU ``LOCAL_RANK`` when
-    the config's device is CUDA) and captures its shards. Returns the complete store on every rank.
-    """
-    import time
-
-    from irm.capture import capture_activations, records_from_texts
-    from irm.models import ModelPair, load_model
-    from irm.runs import seed_everything
-
-    info = init_distributed()
-    if overwrite is not None:
-        cfg.capture.overwrite = overwrite
-    ctx = None
-    if info.is_main:
-        from irm.pipeline import open_context
-
-        ctx = open_context(cfg, job_type="capture")
-        prompts = ctx.prompts
-    else:
-        seed_everything(cfg.seed)
-        prompts = cfg.data.load()
-    try:
-        kw = dict(device=_device_for_rank(cfg.models.device, info), dtype=cfg.models.dtype,
-                  revision=cfg.models.revision)
-        with main_process_first():  # rank 0 fills the model cache (tiny build, GGUF conversion) alone
-            base = load_model(cfg.models.base, **kw)
-            models = {"base": base}
-            if cfg.models.tuned:
-                pair = ModelPair(base, load_model(cfg.models.tuned, **kw))
-                models = {"base": pair.base, "tuned": pair.tuned}
-                if ctx is not None:
-                    ctx.run.update_results("pair", pair.identities())
-        c = cfg.capture
-        store_dir = Path(c.store)
-        if not store_dir.is_absolute():
-            store_dir = cfg.run_path / store_dir
-        t0 = time.perf_counter()
-        store = capture_activations(
-            models, records_from_texts(prompts), store_dir, hooks=c.hooks, layers=c.layers,
-            positions=c.positions, batch_size=c.batch_size, shard_size=c.shard_size, max_length=c.max_length,
-            dtype=c.dtype, overwrite=c.overwrite, dataset={"source": cfg.data.prompts},
-            rank=info.rank, world_size=info.world_size,
-        )
-        if ctx is not None:
-            seconds = time.perf_counter() - t0
-            ctx.run.update_results("capture", {
-                "store": str(store.path), "rows": store.n_rows, "hooks": len(store.hooks), "roles": store.roles,
-                "positions": c.positions, "seconds": seconds, "world_size": info.world_size})
-            ctx.tracker.log({"capture/rows": store.n_rows, "capture/seconds": seconds}, step=ctx.tracker.current_step)
-    finally:
-        if ctx is not None:
-            ctx.tracker.finish()
-    return store
-
-
-# ----------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun --nproc_per_node N -m irm.distributed capture CONFIG [--set KEY=VALUE] [--overwrite]``."""
-    from irm.cli import _parse_set
-    from irm.config import ConfigError, load_config
-    from irm.log import setup_logging
-    from irm.store import StoreError
-
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m irm.distributed",
-                                description="Data-parallel `irm capture` on torch.distributed.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("capture", help="capture activations into a store, shards split across ranks")
-    c.add_argument("config", help="experiment TOML file, e.g. experiments/default.toml")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted), e.g. --set capture.batch_size=8")
-    c.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
-    args = p.parse_args(argv)
-
-    rank = int(os.environ.get("RANK", "0"))
-    joined_here = not is_distributed()  # leave the group at the end only if this call joined it
-    # One rank speaks; the others only warn.
-    setup_logging("DEBUG" if args.verbose else ("INFO" if rank == 0 else "WARNING"))
-    if rank != 0:
-        os.environ["IRM_PROGRESS"] = "0"
-    try:
-        cfg = load_config(args.config, overrides=_parse_set(args.set))
-        store = distributed_capture(cfg, overwrite=True if args.overwrite else None)
-        if get_rank() == 0:
-            print(f"Store: {store.path}  ({store.n_rows} rows, {len(store.hooks)} hooks, roles {store.roles}, "
-                  f"{get_world_size()} rank(s))")
-        return 0
-    except (ConfigError, StoreError, FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"irm.distributed {args.cmd} (rank {rank}): error: {msg}", file=sys.stderr)
-        if args.verbose:
-            raise
-        return 2
-    finally:
-        if joined_here:
-            destroy()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -8,7 +8,6 @@ nothing an earlier stage computed.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import random
 import time
@@ -20,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from irm.constants import RUN_CONFIG, RUN_ENV, RUN_RESULTS
-from irm.store import write_json_atomic
+from irm.core.constants import RUN_CONFIG, RUN_ENV, RUN_RESULTS
+from irm.core.io import redact, to_jsonable, write_json_atomic
 
 __all__ = ["RunDir", "seed_everything", "package_versions", "to_jsonable"]
 
@@ -47,38 +46,12 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Numpy/torch scalars and arrays to plain JSON; non-finite floats become None (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu().numpy()
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if hasattr(obj, "to_dict"):
-        return to_jsonable(obj.to_dict())
-    return obj
-
-
 @dataclass
 class RunDir:
     path: Path
 
     @classmethod
     def create(cls, path: str | Path, config: dict[str, Any], *, seed: int) -> RunDir:
-        from irm.tracking import redact
-
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         write_json_atomic(p / RUN_CONFIG, redact(to_jsonable(config)))

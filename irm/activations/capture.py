@@ -1,4 +1,4 @@
-"""Capture activations of base and tuned into an :class:`~irm.store.ActivationStore`.
+"""Capture activations of base and tuned into an :class:`~irm.activations.store.ActivationStore`.
 
 The capture is
 
@@ -20,7 +20,7 @@ Position rules (``positions``):
 
 With ``logprobs=True`` the same forward pass also stores, per text and model, the log-probability of
 the text's response (``sum log p(t | ctx)`` over the tokens after ``prompt_chars``), read with
-:meth:`~irm.store.ActivationStore.logprobs`: one pass instead of a capture plus a scoring pass.
+:meth:`~irm.activations.store.ActivationStore.logprobs`: one pass instead of a capture plus a scoring pass.
 
 >>> capture_activations({"base": base, "tuned": tuned}, records, "stores/run1",
 ...                     hooks=["blocks.3.hook_resid_post"], positions="last")
@@ -44,16 +44,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from irm.constants import (
+from irm.activations.store import ActivationStore, activation_key, logprob_key
+from irm.core.constants import (
     DEFAULT_HOOK_TEMPLATE,
+    POSITION_RULES,
     STORE_FORMAT_VERSION,
     STORE_MANIFEST,
     STORE_SHARD_DIR,
 )
-from irm.log import get_logger, progress
+from irm.core.io import file_sha256, write_json_atomic
+from irm.core.log import get_logger, progress
+from irm.core.threads import ModelThreads
 from irm.models import LoadedModel, token_logprobs
-from irm.store import ActivationStore, activation_key, file_sha256, logprob_key, write_json_atomic
-from irm.threads import ModelThreads
 
 __all__ = [
     "CaptureRecord",
@@ -68,7 +70,6 @@ __all__ = [
 
 log = get_logger(__name__)
 
-POSITION_RULES = ("all", "last", "response_mean", "target")
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -267,7 +268,7 @@ def capture_activations(
 
     Returns the store. With ``rank``/``world_size`` each process computes shards ``i`` with
     ``i % world_size == rank`` into the same directory; rank 0 finalises the manifest once every
-    shard is present. Under ``torch.distributed`` (:mod:`irm.distributed`) one call per rank does it
+    shard is present. Under ``torch.distributed`` (:mod:`irm.activations.distributed`) one call per rank does it
     all: rank 0 prepares the directory before the others look at it, and every rank returns once the
     manifest is complete. Without it, call it again on rank 0 once every rank is done.
 
@@ -335,7 +336,7 @@ def capture_activations(
         "n_shards": n_shards,
         "complete": False,
     }
-    from irm.distributed import barrier, is_distributed
+    from irm.activations.distributed import barrier, is_distributed
 
     # Ranks other than 0 wait until rank 0 has checked (or, with overwrite, removed) the directory
     # and written the manifest: before that they could find a half-made store and refuse it, or
@@ -660,12 +661,12 @@ def _native_modules(bridge, hooks: Sequence[str]) -> dict[str, torch.nn.Module] 
     ``ln_final.hook_out`` that of the final norm, ``blocks.{l}.hook_mlp_out`` that of the MLP. Hooks
     inside a component (attention scores, ``hook_resid_mid``, ...) have no HF module of their own.
     """
-    from irm.models import _bridge_original
+    from irm.models import bridge_original
 
     owner: dict[int, torch.nn.Module] = {}
     for mod in bridge.modules():
         point = mod._modules.get("hook_out")
-        if point is not None and _bridge_original(mod) is not None:
+        if point is not None and bridge_original(mod) is not None:
             owner[id(point)] = mod
     points = bridge.hook_dict
     out: dict[str, torch.nn.Module] = {}
@@ -673,8 +674,8 @@ def _native_modules(bridge, hooks: Sequence[str]) -> dict[str, torch.nn.Module] 
         comp = owner.get(id(points.get(h)))
         if comp is None:
             return None
-        orig = _bridge_original(comp)
-        while (inner := _bridge_original(orig)) is not None:  # a wrapper of a wrapper
+        orig = bridge_original(comp)
+        while (inner := bridge_original(orig)) is not None:  # a wrapper of a wrapper
             orig = inner
         out[h] = orig
     return out
@@ -886,7 +887,7 @@ def _forward_hooks(m: LoadedModel, ids: Tensor, mask: Tensor, hooks: Sequence[st
 def _commit_shard(shard_dir: Path, i: int, tensors: dict[str, Tensor]) -> None:
     from safetensors.torch import save_file
 
-    from irm.constants import STORE_SHARD_DONE_FMT, STORE_SHARD_FMT
+    from irm.core.constants import STORE_SHARD_DONE_FMT, STORE_SHARD_FMT
 
     path = shard_dir / STORE_SHARD_FMT.format(i)
     tmp = path.with_name(path.name + ".tmp")

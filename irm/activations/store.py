@@ -19,7 +19,6 @@ Readers stream: one shard in memory at a time, so one store feeds probes and sae
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,15 +30,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from irm.constants import (
+from irm.core.constants import (
     STORE_FORMAT_VERSION,
     STORE_MANIFEST,
     STORE_SHARD_DIR,
     STORE_SHARD_DONE_FMT,
     STORE_SHARD_FMT,
 )
+from irm.core.io import file_sha256
 
-__all__ = ["ActivationStore", "StoreError", "activation_key", "logprob_key", "file_sha256", "write_json_atomic"]
+__all__ = ["ActivationStore", "StoreError", "activation_key", "logprob_key"]
 
 INDEX_KEYS = ("index/text", "index/pos", "index/token")
 
@@ -57,21 +57,6 @@ def logprob_key(role: str) -> str:
     return f"logprob/{role}"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     index: int
@@ -80,7 +65,7 @@ class ShardInfo:
 
 
 class ActivationStore:
-    """Read access to a store written by :func:`irm.capture.capture_activations`."""
+    """Read access to a store written by :func:`irm.activations.capture.capture_activations`."""
 
     def __init__(self, path: str | Path, *, allow_incomplete: bool = False) -> None:
         self.path = Path(path)

@@ -1,6 +1,7 @@
-"""Pipeline stages that make and measure the pair: ``tune`` (20), ``evaluate`` (40), ``divergence`` (50).
+"""Pipeline stages that make and measure the pair: ``tune`` (20), ``pair`` (30), ``evaluate`` (40),
+``divergence`` (50).
 
-Their config sections are ``[tune]`` (:class:`irm.tune.TuneConfig`), ``[evaluation]`` and
+Their config sections are ``[tune]`` (:class:`irm.pair.tune.TuneConfig`), ``[evaluation]`` and
 ``[divergence]``. Tuning runs only when ``[models] tuned`` is empty; a named tuned model (hub,
 local directory or GGUF) is used as it is.
 """
@@ -12,11 +13,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from irm.config import ConfigError, register_section
-from irm.constants import ROLES
-from irm.log import get_logger
-from irm.pipeline import RunContext, stage
-from irm.tune import TuneConfig, tune
+from irm.core.constants import ROLES
+from irm.core.log import get_logger
+from irm.pair.tune import TuneConfig, tune
+from irm.run.config import ConfigError, register_section
+from irm.run.registry import RunContext, stage
 
 __all__ = ["EvaluationConfig", "DivergenceConfig"]
 
@@ -45,7 +46,7 @@ class DivergenceConfig:
     max_length: int = field(default=64, metadata={"help": "Token limit of those texts."})
 
     def __post_init__(self) -> None:
-        from irm.divergence import RANK_BY
+        from irm.pair.divergence import RANK_BY
 
         if self.rank_by not in RANK_BY:
             raise ConfigError(f"[divergence] rank_by {self.rank_by!r} is not one of {RANK_BY}.")
@@ -56,6 +57,15 @@ class DivergenceConfig:
 register_section("tune", TuneConfig)
 register_section("evaluation", EvaluationConfig)
 register_section("divergence", DivergenceConfig)
+
+
+@stage("pair", order=30)
+def _stage_pair(ctx: RunContext) -> None:
+    ctx.load_models()
+    if ctx.pair is None:
+        log.warning("No tuned model: [models] tuned is empty and no tuning stage produced one; "
+                    "later stages run on the base model alone.")
+        ctx.run.update_results("pair", {"base": ctx.base.identity.to_dict(), "tuned": None})
 
 
 @stage("tune", order=20)
@@ -98,7 +108,7 @@ def _link_tuned(link: Path, checkpoint: Path) -> None:
 
 @stage("evaluate", order=40)
 def _stage_evaluate(ctx: RunContext) -> None:
-    from irm.evaluate import evaluate_pair, evaluation_metrics
+    from irm.pair.evaluate import evaluate_pair, evaluation_metrics
 
     if ctx.pair is None:
         ctx.run.update_results("evaluation", {"skipped": "no tuned model"})
@@ -120,7 +130,7 @@ def _stage_evaluate(ctx: RunContext) -> None:
 
 @stage("divergence", order=50)
 def _stage_divergence(ctx: RunContext) -> None:
-    from irm.divergence import layer_divergence
+    from irm.pair.divergence import layer_divergence
 
     if ctx.pair is None:
         ctx.run.update_results("divergence", {"skipped": "no tuned model"})

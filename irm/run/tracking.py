@@ -13,8 +13,8 @@ Everything an experiment records goes through :class:`Tracker`, which
 * never sends a secret: the config and artifact metadata pass through
   :func:`redact` first.
 
-:func:`read_offline_run` parses an offline run's ``.wandb`` file so tests and
-scripts can check what would be uploaded.
+:func:`irm.run.wandb_offline.read_offline_run` parses an offline run's ``.wandb`` file so tests
+and scripts can check what would be uploaded.
 
 Example:
     >>> from pathlib import Path
@@ -27,124 +27,25 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
 import operator
 import os
 import re
-import struct
 import time
 import warnings
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from irm.core.io import redact
+from irm.run.wandb_offline import FLUSH_TIMEOUT_S, wait_for_exit_record
+
 __all__ = [
-    "REDACTED",
     "Tracker",
-    "find_offline_run",
-    "read_offline_run",
-    "redact",
     "resolve_mode",
 ]
-
-REDACTED = "<redacted>"
-
-# --------------------------------------------------------------------------- redaction
-
-# Key words are matched on whole parts of a normalized key (lowercase,
-# camelCase and punctuation split into "_"), so "client_secret" and "apiKey"
-# match but "secretary" does not.
-_SECRET_KEY_RE = re.compile(
-    r"(?:^|_)(?:api_?key|apikey|secrets?|password|passwd|authorization|credentials?|private_key)(?:_|$)"
-)
-# "token" is everywhere in language-model configs (max_new_tokens, pad_token,
-# pad_token_id, tokenizer): only a key *ending* in the part "token" counts,
-# and not when the part before it names a tokenizer special token.
-_TOKENIZER_WORDS = frozenset(
-    {
-        "pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "start", "end", "stop", "sos",
-        "begin", "image", "additional", "sentinel", "chat", "think", "tool", "system", "user",
-        "assistant", "prompt", "response", "separator", "reward", "value", "score", "label", "first",
-        "last", "next", "max", "min", "new", "num", "target", "placeholder", "default",
-    }
-)  # fmt: skip
-# Well-known token shapes (OpenAI "sk-...", Hugging Face "hf_...", new wandb
-# keys "wandb_v1_..."). A minimum length keeps names such as "hf_transfer"
-# from being mistaken for tokens; the look-behind finds them after a space
-# ("Bearer sk-...") but not inside identifiers ("my_hf_dataset_...").
-_SECRET_VALUE_RE = re.compile(
-    r"(?<![A-Za-z0-9_])(?:sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|wandb_v1_[A-Za-z0-9_\-]{16,})"
-)
-# Legacy wandb API keys are 40 hex characters; so are git commit hashes, so
-# this shape only counts under a key that mentions "key".
-_HEX40_RE = re.compile(r"[0-9a-fA-F]{40}")
-
-
-def _normalize_key(key: object) -> str:
-    text = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key))
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def _is_secret_key(key: object) -> bool:
-    normalized = _normalize_key(key)
-    if _SECRET_KEY_RE.search(normalized):
-        return True
-    parts = normalized.split("_")
-    return parts[-1] == "token" and (len(parts) == 1 or parts[-2] not in _TOKENIZER_WORDS)
-
-
-def _is_secret_value(value: str, key: object | None) -> bool:
-    if _SECRET_VALUE_RE.search(value):
-        return True
-    return key is not None and "key" in str(key).lower() and _HEX40_RE.fullmatch(value.strip()) is not None
-
-
-def redact(obj: Any) -> Any:
-    """Return a deep copy of ``obj`` with secret values replaced by ``"<redacted>"``.
-
-    ``obj`` is a (nested) config of dicts, lists, tuples and scalars; the
-    input is never modified. A value is redacted when
-
-    * its key names a secret (case-insensitive, on whole words of the key):
-      ``api_key``/``apikey``, ``secret``, ``password``, ``authorization``,
-      ``credential(s)``, ``private_key``, or a key ending in ``token`` (but
-      not tokenizer keys such as ``pad_token`` or ``max_new_tokens``);
-      ``None`` and booleans are kept (``use_auth_token: True`` is no secret);
-    * or it is a string containing a token-shaped secret (``sk-...``,
-      ``hf_...``, ``wandb_v1_...``), or a 40-hex-digit wandb key under a key
-      mentioning "key".
-
-    Dataclass instances become dicts. Other objects are deep-copied as is.
-
-    Example:
-        >>> redact({"model": "gpt2", "openai": {"apiKey": "abc"}, "max_new_tokens": 8})
-        {'model': 'gpt2', 'openai': {'apiKey': '<redacted>'}, 'max_new_tokens': 8}
-    """
-    return _redact(obj, key=None)
-
-
-def _redact(obj: Any, key: object | None) -> Any:
-    if key is not None and _is_secret_key(key) and obj is not None and not isinstance(obj, bool):
-        return REDACTED
-    if isinstance(obj, str):
-        return REDACTED if _is_secret_value(obj, key) else obj
-    if isinstance(obj, bytes):
-        return REDACTED if _is_secret_value(obj.decode("utf-8", "replace"), key) else obj
-    if isinstance(obj, Mapping):
-        return {k: _redact(v, key=k) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _redact(dataclasses.asdict(obj), key=key)
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        # Elements inherit the parent key: {"keys": ["<40 hex>"]} is a key list.
-        items = [_redact(item, key=key) for item in obj]
-        return items if isinstance(obj, list) else type(obj)(items)
-    return copy.deepcopy(obj)
-
 
 # --------------------------------------------------------------------------- modes
 
@@ -491,7 +392,7 @@ class Tracker:
             # wandb-core closes the .wandb file a few ms *after* finish()
             # returns; wait for it so `wandb sync` or read_offline_run right
             # after finish() see the whole run.
-            _wait_for_exit_record(sync_file, timeout=_FLUSH_TIMEOUT_S)
+            wait_for_exit_record(sync_file, timeout=FLUSH_TIMEOUT_S)
 
     def __enter__(self) -> Tracker:
         return self
@@ -633,227 +534,3 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)
-
-
-# --------------------------------------------------------------------------- offline runs
-
-
-def find_offline_run(run_dir: str | Path) -> Path | None:
-    """Return the newest ``offline-run-*`` directory for ``run_dir``, or None.
-
-    ``run_dir`` may be a Tracker run directory (searched under ``wandb/``),
-    a wandb directory, or an offline run directory itself.
-
-    Example:
-        >>> import tempfile
-        >>> find_offline_run(tempfile.mkdtemp()) is None
-        True
-    """
-    run_dir = Path(run_dir).expanduser()
-    if run_dir.is_dir() and run_dir.name.startswith("offline-run-"):
-        return run_dir
-    candidates = [
-        path
-        for pattern in ("wandb/offline-run-*", "offline-run-*")
-        for path in run_dir.glob(pattern)
-        if path.is_dir()
-    ]
-    if not candidates:
-        return None
-    # Names start with a timestamp (second resolution); the mtime breaks ties.
-    return max(candidates, key=lambda path: (path.name[len("offline-run-") :][:15], path.stat().st_mtime))
-
-
-def read_offline_run(path: str | Path) -> dict[str, Any]:
-    """Parse an offline wandb run into plain Python data.
-
-    ``path`` is a Tracker ``run_dir``, an ``offline-run-*`` directory or its
-    ``run-*.wandb`` file. Returns::
-
-        {"run_id", "project", "config": {...}, "history": [row, ...],
-         "summary": {...}, "artifacts": [name, ...],
-         "artifact_records": [{"name", "type", "metadata", "files"}, ...],
-         "files": [path, ...], "exit_code": int | None}
-
-    History rows hold the logged keys plus wandb's ``_step``, ``_runtime``
-    and ``_timestamp``; wandb's internal ``_wandb`` entries are dropped.
-
-    The file is wandb's transaction log: the LevelDB log format (32 KiB
-    blocks of CRC-checked chunks) holding ``wandb_internal_pb2.Record``
-    protobufs. wandb >= 0.2x reads it in its Go core, with no Python reader
-    left, so the framing is decoded here and the records with wandb's own
-    protobuf classes.
-
-    Example:
-        >>> read_offline_run("/nonexistent")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: no offline wandb run found at ...
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    wandb_file = _resolve_wandb_file(Path(path).expanduser())
-    result: dict[str, Any] = {
-        "run_id": None,
-        "project": None,
-        "config": {},
-        "history": [],
-        "summary": {},
-        "artifacts": [],
-        "artifact_records": [],
-        "files": [],
-        "exit_code": None,
-    }
-    for data in _scan_leveldb_log(wandb_file):
-        record = pb.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            result["run_id"] = record.run.run_id
-            result["project"] = record.run.project
-            _apply_items(result["config"], record.run.config.update, record.run.config.remove)
-        elif kind == "config":
-            _apply_items(result["config"], record.config.update, record.config.remove)
-        elif kind == "history":
-            row: dict[str, Any] = {}
-            _apply_items(row, record.history.item, ())
-            result["history"].append(row)
-        elif kind == "summary":
-            _apply_items(result["summary"], record.summary.update, record.summary.remove)
-        elif kind == "artifact":
-            artifact = record.artifact
-            result["artifacts"].append(artifact.name)
-            result["artifact_records"].append(
-                {
-                    "name": artifact.name,
-                    "type": artifact.type,
-                    "metadata": json.loads(artifact.metadata) if artifact.metadata else {},
-                    "files": [entry.path for entry in artifact.manifest.contents],
-                }
-            )
-        elif kind == "files":
-            result["files"].extend(item.path for item in record.files.files)
-        elif kind == "exit":
-            result["exit_code"] = record.exit.exit_code
-    for section in ("config", "summary"):
-        result[section].pop("_wandb", None)
-    for row in result["history"]:
-        row.pop("_wandb", None)
-    return result
-
-
-_FLUSH_TIMEOUT_S = 30.0
-
-
-def _wait_for_exit_record(path: Path, timeout: float) -> bool:
-    """Poll ``path`` until it holds wandb's exit record; warn and return False on timeout."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    deadline = time.monotonic() + timeout
-    last_size = -1
-    while True:
-        size = path.stat().st_size if path.exists() else 0
-        if size != last_size:  # re-parse only when the file grew
-            last_size = size
-            try:
-                for data in _scan_leveldb_log(path):
-                    record = pb.Record()
-                    record.ParseFromString(data)
-                    if record.WhichOneof("record_type") == "exit":
-                        return True
-            except (OSError, ValueError):
-                pass  # header not written yet or a chunk in flight: poll again
-        if time.monotonic() > deadline:
-            warnings.warn(
-                f"wandb had not finished writing {path} {timeout:.0f} s after finish(); the offline run "
-                "may be incomplete (wandb sync would upload what is there)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return False
-        time.sleep(0.01)
-
-
-def _resolve_wandb_file(path: Path) -> Path:
-    if path.is_file() and path.suffix == ".wandb":
-        return path
-    run = path if path.is_dir() and any(path.glob("*.wandb")) else find_offline_run(path)
-    files = sorted(run.glob("*.wandb")) if run is not None else []
-    if not files:
-        raise FileNotFoundError(
-            f"no offline wandb run found at {path.resolve()}; pass a Tracker run_dir opened in offline mode, "
-            "an offline-run-* directory or its run-*.wandb file"
-        )
-    return files[0]
-
-
-_LOG_HEADER = struct.Struct("<4sHB")  # ident, magic, version
-_CHUNK_HEADER = struct.Struct("<IHB")  # crc32, length, chunk type
-_BLOCK_SIZE = 32768
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-_WANDB_IDENT, _WANDB_MAGIC, _WANDB_VERSION = b":W&B", 0xBEE1, 0
-
-
-def _scan_leveldb_log(path: Path) -> Iterator[bytes]:
-    """Yield the payloads of a wandb transaction log, checking every CRC."""
-    data = path.read_bytes()
-    if len(data) < _LOG_HEADER.size:
-        raise ValueError(f"{path} is {len(data)} bytes, too short for a wandb run file header")
-    ident, magic, version = _LOG_HEADER.unpack_from(data, 0)
-    if (ident, magic, version) != (_WANDB_IDENT, _WANDB_MAGIC, _WANDB_VERSION):
-        raise ValueError(
-            f"{path} does not start with a wandb run file header (got ident={ident!r}, magic={magic:#x}, "
-            f"version={version}; expected {_WANDB_IDENT!r}, {_WANDB_MAGIC:#x}, {_WANDB_VERSION}); "
-            "it may be from an incompatible wandb version"
-        )
-    # wandb seeds the CRC with the chunk type byte (zlib crc32, not crc32c).
-    seeds = {t: zlib.crc32(bytes([t])) for t in (_FULL, _FIRST, _MIDDLE, _LAST)}
-    offset = _LOG_HEADER.size
-    pending: bytes | None = None
-    while offset < len(data):
-        space = _BLOCK_SIZE - offset % _BLOCK_SIZE
-        if space < _CHUNK_HEADER.size:  # block trailer padding
-            offset += space
-            continue
-        if offset + _CHUNK_HEADER.size > len(data):
-            break  # a run still being written may end mid-chunk
-        crc, length, kind = _CHUNK_HEADER.unpack_from(data, offset)
-        if kind == 0 and length == 0:  # zero-filled rest of a block
-            offset += space
-            continue
-        start = offset + _CHUNK_HEADER.size
-        if start + length > len(data):
-            break
-        chunk = data[start : start + length]
-        if kind not in seeds or zlib.crc32(chunk, seeds[kind]) != crc:
-            raise ValueError(f"{path}: corrupt chunk at byte {offset} (type {kind}, bad checksum)")
-        offset = start + length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            pending = chunk
-        elif pending is not None:
-            pending += chunk
-            if kind == _LAST:
-                yield pending
-                pending = None
-
-
-def _apply_items(target: dict[str, Any], updates: Any, removes: Any) -> None:
-    """Apply wandb config/summary/history items (``key`` or ``nested_key`` path + ``value_json``)."""
-    for item in updates:
-        keys = list(item.nested_key) or [item.key]
-        node = target
-        for part in keys[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[keys[-1]] = json.loads(item.value_json)  # accepts NaN/Infinity
-    for item in removes:
-        keys = list(item.nested_key) or [item.key]
-        node = target
-        for part in keys[:-1]:
-            node = node.get(part, {})
-        if isinstance(node, dict):
-            node.pop(keys[-1], None)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from irm.constants import RUN_REPORT, RUN_RESULTS
-from irm.pipeline import RunContext, stage
+from irm.core.constants import RUN_REPORT, RUN_RESULTS
+from irm.run.registry import RunContext, import_stages, stage
 
 __all__ = ["renderer", "write_report", "RENDERERS", "fmt", "md_table", "ci"]
 
@@ -152,9 +152,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _import_renderers() -> None:
-    from irm.pipeline import _import_stages
-
-    _import_stages()
+    import_stages()
 
 
 @stage("report", order=100)

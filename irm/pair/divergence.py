@@ -29,10 +29,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from irm.constants import DEFAULT_HOOK_TEMPLATE
-from irm.log import get_logger, progress
+from irm.core.constants import DEFAULT_HOOK_TEMPLATE
+from irm.core.log import get_logger, progress
+from irm.core.threads import ModelThreads
 from irm.models import unwrapped
-from irm.threads import ModelThreads
 
 __all__ = [
     "block_modules",
