@@ -13,13 +13,15 @@ IRM has to beat.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
 from irm.core.log import get_logger
-from irm.rewards.base import BaseRewardModel
+from irm.rewards.base import BaseRewardModel, register_reward_model
 
 log = get_logger(__name__)
 
@@ -417,3 +419,36 @@ class LogRatioRM(BaseRewardModel):
         agg = np.mean if self.length_normalise else np.sum
         return np.array([float(agg(r)) if len(r) else 0.0 for r in ratios])
 
+
+
+def _model_ref(ident: dict[str, Any]) -> str:
+    ckpt = ident.get("checkpoint")
+    return ckpt if ckpt and Path(ckpt).exists() else ident["spec"]
+
+
+@register_reward_model("logratio")
+def _build_logratio(path: str, beta: float | None = None, length_normalise: bool = False, batch_size: int = 32,
+                    device: str = "cpu", name: str = "irm_logratio") -> LogRatioRM:
+    """``kind = "logratio"``: ``path`` is a run directory (its pair, and its tune's beta) or
+    ``"BASE,TUNED"`` (two model specs)."""
+    import json
+
+    from irm.models import ModelPair, load_model
+
+    p = Path(path)
+    if (p / "results.json").is_file():
+        res = json.loads((p / "results.json").read_text())
+        pair_ids = res.get("pair") or {}
+        if not (pair_ids.get("base") and pair_ids.get("tuned")):
+            raise ValueError(f"{p}/results.json names no tuned model (its pair section is {pair_ids!r}); the "
+                             "log-ratio IRM needs a base and a tuned model.")
+        base, tuned = _model_ref(pair_ids["base"]), _model_ref(pair_ids["tuned"])
+        if beta is None:
+            beta = ((res.get("config") or {}).get("tune") or {}).get("beta")
+    elif "," in path:
+        base, tuned = (s.strip() for s in path.split(",", 1))
+    else:
+        raise ValueError(f"logratio RM: {path!r} is neither a run directory (with results.json) nor 'BASE,TUNED'.")
+    pair = ModelPair(load_model(base, device=device), load_model(tuned, device=device))
+    return LogRatioRM(pair, beta=float(beta or 0.04), length_normalise=length_normalise, batch_size=batch_size,
+                      name=name)

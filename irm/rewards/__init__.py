@@ -15,6 +15,7 @@ from irm.rewards.base import (
 )
 from irm.rewards.classifier import SequenceClassifierRM
 from irm.rewards.lexicon import TokenUtilityRM, load_lexicon, vader_lexicon_path
+from irm.rewards.spec import load_rm, parse_rm_spec
 
 __all__ = [
     "REWARD_MODELS",
@@ -26,6 +27,8 @@ __all__ = [
     "build_reward_model",
     "completion_text",
     "load_lexicon",
+    "load_rm",
+    "parse_rm_spec",
     "register_reward_model",
     "vader_lexicon_path",
 ]

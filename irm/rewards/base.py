@@ -25,6 +25,8 @@ __all__ = [
     "register_reward_model",
     "build_reward_model",
     "REWARD_MODELS",
+    "PLUGIN_KINDS",
+    "reward_model_kinds",
     "completion_text",
 ]
 
@@ -137,6 +139,23 @@ class BaseRewardModel(ABC):
 # ----------------------------------------------------------------------------------------------
 # Registry: a new RM kind is a new module that registers itself, not an edit of an if/elif chain.
 REWARD_MODELS: dict[str, Callable[..., BaseRewardModel]] = {}
+#: Kinds that live in packages above this one (they run the model pair): imported by name the first
+#: time they are asked for, so this package never imports them.
+PLUGIN_KINDS: dict[str, str] = {
+    "logratio": "irm.implicit.logratio",
+    "probe": "irm.implicit.probe_rm",
+}
+
+
+def reward_model_kinds() -> list[str]:
+    return sorted(set(REWARD_MODELS) | set(PLUGIN_KINDS))
+
+
+def _ensure_kind(kind: str) -> None:
+    if kind not in REWARD_MODELS and kind in PLUGIN_KINDS:
+        import importlib
+
+        importlib.import_module(PLUGIN_KINDS[kind])
 
 
 def register_reward_model(kind: str) -> Callable[[Callable[..., BaseRewardModel]], Callable[..., BaseRewardModel]]:
@@ -151,12 +170,13 @@ def register_reward_model(kind: str) -> Callable[[Callable[..., BaseRewardModel]
 
 def build_reward_model(kind: str, **params: Any) -> BaseRewardModel:
     """Build a registered RM: ``build_reward_model("lexicon", path=None)``."""
+    _ensure_kind(kind)
     if kind not in REWARD_MODELS:
         import difflib
 
-        close = difflib.get_close_matches(kind, REWARD_MODELS, n=3)
+        close = difflib.get_close_matches(kind, reward_model_kinds(), n=3)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown reward model kind {kind!r}. Valid kinds are {sorted(REWARD_MODELS)}.{hint}"
+            f"Unknown reward model kind {kind!r}. Valid kinds are {reward_model_kinds()}.{hint}"
         )
     return REWARD_MODELS[kind](**params)

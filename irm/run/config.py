@@ -88,11 +88,12 @@ class RewardConfig:
                                    "classifier: path, label, input_format).", factory=dict)
 
     def __post_init__(self) -> None:
-        from irm.rewards import REWARD_MODELS
+        from irm.rewards.base import reward_model_kinds
 
-        if self.kind not in REWARD_MODELS:
-            close = difflib.get_close_matches(self.kind, REWARD_MODELS, n=1)
-            raise ConfigError(f"[reward] kind {self.kind!r} is unknown; valid kinds: {sorted(REWARD_MODELS)}"
+        kinds = reward_model_kinds()
+        if self.kind not in kinds:
+            close = difflib.get_close_matches(self.kind, kinds, n=1)
+            raise ConfigError(f"[reward] kind {self.kind!r} is unknown; valid kinds: {kinds}"
                               + (f" (did you mean {close[0]!r}?)" if close else "") + ".")
         for k in self.params:
             if any(s in k.lower() for s in ("key", "token", "secret", "password")):
