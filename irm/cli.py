@@ -4,6 +4,7 @@
     irm capture CONFIG          capture activations of the pair into a store
     irm tune CONFIG             RLHF-tune the base against the explicit RM (cached)
     irm explain CONFIG          contrastive explanations of reward comparisons
+    irm score --rm SPEC ...     score words or (prompt, response) pairs with any RM (explicit or IRM)
     irm report RUN_DIR          rebuild a run's report.md from its results.json
     irm store PATH              describe an activation store
     irm hooks MODEL             list a model's hook names
@@ -71,6 +72,35 @@ def _cmd_explain(args) -> int:
     ctx = run_experiment(cfg, force=args.force,
                          only=["reward", "tune", "pair", "evaluate", "divergence", "irm", "contrastive", "report"])
     print(f"Results: {ctx.run.results_path}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from irm.implicit.score import read_pairs, score_pairs, score_words
+    from irm.rewards import load_rm, parse_rm_spec
+
+    for spec in args.rm:  # every spec checked before any model loads
+        parse_rm_spec(spec)
+    words = list(args.words or [])
+    if args.words_file:
+        p = args.words_file
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"--words-file {os.path.abspath(p)} does not exist (one word per line).")
+        words += [w.strip() for w in open(p, encoding="utf-8") if w.strip() and not w.startswith("#")]
+    if bool(words) == bool(args.pairs):
+        raise ValueError("irm score needs either words (--words W [W ...] / --words-file F) or --pairs F.jsonl.")
+    pairs = read_pairs(args.pairs, prompt_field=args.prompt_field, response_field=args.response_field) \
+        if args.pairs else None
+    rms = [load_rm(spec, device=args.device) if parse_rm_spec(spec)[0] in ("probe", "logratio") else load_rm(spec)
+           for spec in args.rm]
+    rows = score_pairs(rms, *pairs) if pairs else score_words(rms, words, templates=args.templates)
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"Scores: {args.out} ({len(rows)} rows)")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -152,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     e = with_config(sub.add_parser("explain", help="contrastive explanations of reward comparisons"))
     e.add_argument("--force", action="store_true")
     e.set_defaults(fn=_cmd_explain)
+    sc = sub.add_parser("score", help="score words or (prompt, response) pairs with any RM, explicit or implicit")
+    sc.add_argument("--rm", action="append", required=True, metavar="SPEC",
+                    help="an RM spec: vader, PATH.tsv, classifier:DIR_OR_HUB, probe:RUN/irm_probe, logratio:RUN "
+                         "(repeat for several)")
+    sc.add_argument("--words", nargs="+", metavar="W", help="words to score")
+    sc.add_argument("--words-file", help="a file with one word per line")
+    sc.add_argument("--pairs", help="a .jsonl or .csv of (prompt, response) rows")
+    sc.add_argument("--prompt-field", default="prompt")
+    sc.add_argument("--response-field", default="response")
+    sc.add_argument("--templates", default="reviews",
+                    help="word templates for RMs without a word table: reviews, everyday, assistant, or a file")
+    sc.add_argument("--device", default="cpu", help="device of the models a probe or log-ratio RM runs")
+    sc.add_argument("--out", help="write JSON lines here instead of stdout")
+    sc.set_defaults(fn=_cmd_score)
     rp = sub.add_parser("report", help="rebuild report.md of a run directory from its results.json")
     rp.add_argument("run_dir")
     rp.set_defaults(fn=_cmd_report)

@@ -22,10 +22,13 @@ from irm.pair.tune import (
     SPLIT_JSON,
     TUNE_CONFIG_JSON,
     TuneConfig,
+    ZeroRewardVarianceWarning,
+    _Budget,
     _trainer_args,
     reward_model_identity,
     tune,
     tune_key,
+    zero_variance_flag,
 )
 from irm.rewards import TokenUtilityRM
 
@@ -87,6 +90,10 @@ def test_defaults_are_the_measured_recipe():
         (dict(steps=0), "steps"),
         (dict(top_p=0.0), "top_p"),
         (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(max_kl_per_token=0.0), "max_kl_per_token"),
+        (dict(max_kl_per_token=float("nan")), "max_kl_per_token"),
+        (dict(max_kl_per_token=0.5, eval_every=0), "eval_every >= 1"),
+        (dict(stop_on_over_optimised=True, eval_every=0), "eval_every >= 1"),
     ],
 )
 def test_config_errors_name_the_field(kw, match):
@@ -124,6 +131,75 @@ def test_cache_key_covers_what_determines_the_weights(planted):
         reward_model_identity(lambda prompts, completions, **kw: [0.0] * len(prompts))
 
 
+def test_budget_options_enter_the_key_only_when_on(planted):
+    # The key of every config without a budget is what it was before the budget existed (cached models
+    # of experiments/default.toml stay valid): exactly these fields, with their values.
+    assert set(TuneConfig().key_dict()) == {
+        "algorithm", "steps", "learning_rate", "lr_scheduler", "beta", "num_generations", "prompts_per_step",
+        "max_new_tokens", "temperature", "top_k", "top_p", "max_grad_norm", "lora", "lora_r", "lora_alpha", "seed",
+        "held_out_fraction"}
+    base = {"kind": "tiny", "fingerprint": "abc"}
+    rm_id = reward_model_identity(planted)
+    k = tune_key(base, rm_id, TuneConfig(), "p")
+    assert k == tune_key(base, rm_id, TuneConfig(max_kl_per_token=None, stop_on_over_optimised=False), "p")
+    budget = tune_key(base, rm_id, TuneConfig(max_kl_per_token=0.5), "p")
+    assert budget != k and budget != tune_key(base, rm_id, TuneConfig(max_kl_per_token=0.6), "p")
+    assert tune_key(base, rm_id, TuneConfig(max_kl_per_token=1), "p") == tune_key(
+        base, rm_id, TuneConfig(max_kl_per_token=1.0), "p")
+    assert tune_key(base, rm_id, TuneConfig(stop_on_over_optimised=True), "p") not in (k, budget)
+    # With a budget the checks pick the kept step: their schedule and samples change the weights.
+    assert budget != tune_key(base, rm_id, TuneConfig(max_kl_per_token=0.5, eval_every=5), "p")
+    assert budget != tune_key(base, rm_id, TuneConfig(max_kl_per_token=0.5, eval_prompts=8), "p")
+    assert budget == tune_key(base, rm_id, TuneConfig(max_kl_per_token=0.5, final_eval=False, save_every=3), "p")
+
+
+def test_budget_keeps_the_last_check_within_it():
+    """_Budget on a toy module: each reason stops, step 0 always passes, restore puts the kept weights back."""
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen parameters are not copied (LoRA: only the adapter trains)
+    ok = {"flag_over_optimised": False, "reasons": []}
+    loops = {"flag_over_optimised": True, "reasons": ["rep-2 0.300 > max(2 x base 0.010, base + 0.05)"]}
+    budget = _Budget(TuneConfig(max_kl_per_token=0.5, stop_on_over_optimised=True, eval_every=2))
+    assert budget.check(model, 0, 0.9, loops)  # step 0 is the base: within budget whatever the noise says
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    kept = model.weight.detach().clone()
+    assert budget.check(model, 2, 0.4, ok) and budget.kept_step == 2
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not budget.check(model, 4, 0.7, ok)
+    assert budget.stop_step == 4 and budget.stop_reason == "max_kl_per_token" and budget.kept_step == 2
+    assert "0.7 nats/token > max_kl_per_token 0.5" in budget.stop_message and "step 2" in budget.stop_message
+    budget.restore(model)
+    assert torch.equal(model.weight, kept)
+    assert [c["within_budget"] for c in budget.checks] == [True, True, False]
+
+    looping = _Budget(TuneConfig(stop_on_over_optimised=True, eval_every=2))
+    assert looping.check(model, 0, None, ok) and looping.check(model, 2, 9.0, ok)  # no KL budget: KL is free
+    assert not looping.check(model, 4, 0.1, loops) and looping.stop_reason == "over_optimised"
+    assert "rep-2 0.300" in looping.stop_message and looping.kept_step == 2
+
+
+def test_zero_variance_flag_criterion():
+    def step(i, std, frac=None):
+        return {"step": i, "reward_mean": 0.0, "reward_std": 0.0, "reward_group_std_max": std,
+                "frac_reward_zero_std": frac}
+
+    flat = [step(i, 0.0) for i in range(1, 6)]
+    flag = zero_variance_flag(flat, 5, 8)
+    assert flag["first_steps"] == 5 and flag["zero_variance_steps"] == 5 and "never elicit" in flag["message"]
+    assert zero_variance_flag(flat[:4], 5, 8) is None  # too few steps to judge
+    # One group that varies in one of the first steps is a learning signal: no flag.
+    assert zero_variance_flag([*flat[:2], step(3, 0.5), *flat[3:]], 5, 8) is None
+    assert zero_variance_flag([step(i, 1e-7) for i in range(1, 6)], 5, 8) is not None  # near zero is zero
+    # Records without the RM's own spread: trl's share of zero-std groups, then the batch std.
+    assert zero_variance_flag([step(i, None, 1.0) for i in range(1, 6)], 5) is not None
+    assert zero_variance_flag([step(i, None, 0.75) for i in range(1, 6)], 5) is None
+    old = [{"step": i, "reward_mean": 1.0, "reward_std": 0.0} for i in range(1, 4)]
+    assert zero_variance_flag(old, 3) is not None
+    assert zero_variance_flag([{**r, "reward_std": 0.3} for r in old], 3) is None
+
+
 # --------------------------------------------------------------------------- tuning the tiny model
 def test_tiny_tune_learns_the_planted_reward(tuned, cache):
     res, _, seconds = tuned
@@ -136,6 +212,10 @@ def test_tiny_tune_learns_the_planted_reward(tuned, cache):
     held = [c for c in res.curves if "held_out_reward_mean" in c]
     assert [c["step"] for c in held] == [0, 12]
     assert held[-1]["held_out_reward_mean"] > held[0]["held_out_reward_mean"] + 1.0
+    # A reward that varies raises no flag; without a budget the last step is the one kept.
+    assert res.flags == {} and res.outcome["checks"] == []
+    assert (res.kept_step, res.outcome["stopped_early"], res.outcome["stop_reason"]) == (12, False, None)
+    assert all(c["reward_group_std_max"] > 0 for c in res.curves if "reward_mean" in c)
 
 
 def test_tiny_tune_changed_the_parameters(tuned):
@@ -204,6 +284,59 @@ def test_rloo_runs_with_a_kl_penalty(cache, planted):
     base = load_model(TINY).hf_model.state_dict()
     tuned = load_model(str(res.checkpoint)).hf_model.state_dict()
     assert float((tuned["lm_head.weight"] - base["lm_head.weight"]).abs().max()) > 1e-3
+
+
+def test_zero_variance_reward_warns_and_flags(cache, tmp_path):
+    """A lexicon whose only word the tiny model never generates: every score is 0, no learning signal."""
+    never = TokenUtilityRM({"zzqxjv": 5.0}, score_prompt=False, name="never-generated")
+    cfg = TuneConfig(steps=3, learning_rate=0.1, final_eval=False, **TINY_KW)
+    with pytest.warns(ZeroRewardVarianceWarning, match="never elicit what the reward pays for") as caught:
+        res = tune(TINY, never, default_prompts(), cfg, cache_root=cache, run_dir=tmp_path)
+    assert len([w for w in caught if w.category is ZeroRewardVarianceWarning]) == 1  # once, not every step
+    flag = res.flags["zero_reward_variance"]
+    assert flag["first_steps"] == 3 and flag["zero_variance_steps"] == 3 and flag["max_group_std"] == 0.0
+    steps = [c for c in res.curves if "reward_mean" in c]
+    assert [c["reward_group_std_max"] for c in steps] == [0.0, 0.0, 0.0]
+    assert [c["frac_reward_zero_std"] for c in steps] == [1.0, 1.0, 1.0]  # trl agrees: every group is flat
+    # The flag is in tune.json (the results' tune section), in the cached record, and in the report.
+    summary = json.loads((tmp_path / "tune.json").read_text())
+    assert summary["flags"]["zero_reward_variance"]["message"] == flag["message"]
+    assert json.loads((res.checkpoint / TUNE_CONFIG_JSON).read_text())["outcome"]["flags"] == res.flags
+    again = tune(TINY, never, default_prompts(), cfg, cache_root=cache)
+    assert again.reused and again.flags == res.flags
+    import irm.pair.stages  # noqa: F401  (registers the tune renderer)
+    from irm.run.report import RENDERERS
+
+    text = RENDERERS["tune"][1](summary, tmp_path)
+    assert text.startswith("**Warning: zero reward variance.**") and "never elicit" in text
+
+
+def test_kl_budget_stops_and_keeps_the_last_step_within_it(cache, planted):
+    """lr 0.1 (decaying over 8 steps) on the planted reward: measured KL 0.24, 0.62, 1.10 nats/token at the
+    checks of steps 2, 4, 6 (seed 0). A budget of 0.75 stops tuning at step 6 and keeps step 4; the
+    assertions hold for any stop before the last step that keeps a step after 0."""
+    cfg = TuneConfig(steps=8, learning_rate=0.1, final_eval=False, max_kl_per_token=0.75, save_every=2,
+                     **{**TINY_KW, "eval_every": 2})
+    res = tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
+    out = res.outcome
+    assert out["stopped_early"] and out["stop_reason"] == "max_kl_per_token"
+    assert out["kept_step"] < out["steps_run"] < cfg.steps
+    checks = {c["step"]: c for c in out["checks"]}
+    assert checks[0]["kl_per_token"] == pytest.approx(0.0, abs=1e-5)
+    kept = checks[out["kept_step"]]
+    assert kept["within_budget"] and 0 < kept["kl_per_token"] <= cfg.max_kl_per_token
+    last = checks[out["steps_run"]]
+    assert not last["within_budget"] and last["kl_per_token"] > cfg.max_kl_per_token
+    assert [c["step"] for c in out["checks"]] == list(range(0, out["steps_run"] + 1, 2))
+    assert [c["step"] for c in res.curves if "reward_mean" in c] == list(range(1, out["steps_run"] + 1))
+    # The saved model is the kept check's weights (save_every wrote them at that step), not the last step's.
+    saved = load_model(str(res.checkpoint)).hf_model.state_dict()
+    at_kept = load_model(str(res.checkpoint / "checkpoints" / f"step-{out['kept_step']:06d}")).hf_model.state_dict()
+    at_last = load_model(str(res.checkpoint / "checkpoints" / f"step-{out['steps_run']:06d}")).hf_model.state_dict()
+    assert all(torch.equal(v, at_kept[k]) for k, v in saved.items())
+    assert not torch.equal(saved["lm_head.weight"], at_last["lm_head.weight"])
+    again = tune(TINY, planted, default_prompts(), cfg, cache_root=cache)
+    assert again.reused and again.outcome == out
 
 
 def test_lora_without_peft_says_how_to_install(cache, planted):

@@ -60,6 +60,8 @@ from irm.models import LoadedModel, token_logprobs
 __all__ = [
     "CaptureRecord",
     "POSITION_RULES",
+    "response_words",
+    "word_end_tokens",
     "capture_activations",
     "expand_hooks",
     "validate_hooks",
@@ -100,6 +102,26 @@ def records_from_texts(texts: Sequence[str], targets: Sequence[str] | None = Non
             raise ValueError(f"Record {i}: target word {w!r} does not occur in its text {t!r}.")
         out.append(CaptureRecord(t, target=(m.start(), m.end())))
     return out
+
+
+_WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+
+
+def response_words(text: str, start: int = 0) -> list[tuple[int, int]]:
+    """Character spans of the words (letters, with an inner apostrophe) of ``text[start:]``."""
+    return [(start + m.start(), start + m.end()) for m in _WORD_RE.finditer(text[start:])]
+
+
+def word_end_tokens(text: str, start: int, offsets: np.ndarray) -> np.ndarray:
+    """Token positions of the last token of each word of ``text[start:]`` (``offsets``: ``[n, 2]`` character
+    offsets of the tokens); words cut off by truncation are left out. The rule ``"words"``: where the
+    model has read each whole word of the response."""
+    out = []
+    for s, e in response_words(text, start):
+        hit = np.nonzero((offsets[:, 0] < e) & (offsets[:, 1] > s))[0]
+        if len(hit) and offsets[hit[-1], 1] >= e:
+            out.append(int(hit[-1]))
+    return np.array(sorted(set(out)), dtype=np.int64)
 
 
 def records_from_pairs(prompts: Sequence[str], responses: Sequence[str]) -> list[CaptureRecord]:
@@ -203,6 +225,14 @@ def _tokenize(tokenizer, records: Sequence[CaptureRecord], rule: str, max_length
                 raise ValueError(f"Record {i}: no token covers the target span {rec.target} "
                                  f"({rec.text[s:e]!r}); was it truncated (max_length={max_length})?")
             sel = hit[-1:]  # the word's last token: the model has read the whole word there
+        elif rule == "words":
+            if rec.prompt_chars is None:
+                raise ValueError(f"Record {i} has no prompt/response split; 'words' needs (prompt, response) "
+                                 "records (records_from_pairs).")
+            sel = word_end_tokens(rec.text, rec.prompt_chars, offs)
+            if len(sel) == 0:
+                raise ValueError(f"Record {i}: its response has no word (letters) left within max_length="
+                                 f"{max_length}: {rec.text!r}. Leave such records out (see response_words).")
         else:
             raise ValueError(f"Unknown position rule {rule!r}; valid rules are {POSITION_RULES}.")
         if logprobs:

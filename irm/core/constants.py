@@ -37,4 +37,4 @@ ROLES = (BASE, TUNED)
 
 DEFAULT_HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 # Which token positions of a text a capture stores (irm.activations.capture).
-POSITION_RULES = ("all", "last", "response_mean", "target")
+POSITION_RULES = ("all", "last", "response_mean", "target", "words")

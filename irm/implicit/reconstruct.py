@@ -34,11 +34,13 @@ import numpy as np
 
 from probes import RidgeProbe, bootstrap_ci, kendall_tau, pairwise_accuracy, sign_agreement, spearman
 
-__all__ = ["WordData", "SourceResult", "reconstruct", "rescale", "RECOVERED_TOL", "BADLY_WRONG_MIN"]
+__all__ = ["WordData", "SourceResult", "reconstruct", "rescale", "rescale_factor", "recovered", "cv_tau_interval", "RECOVERED_TOL",
+           "BADLY_WRONG_MIN", "PROBE_KINDS", "auc"]
 
 RECOVERED_TOL = 1.0  # a word is "recovered": same sign and within 1.0 of the true utility (VADER is in [-4, 4])
 BADLY_WRONG_MIN = 1.0  # "badly wrong": opposite sign, with both |true| and |reconstructed| at least 1.0
 UNSUPERVISED = ("logratio", "probe:logratio", "probe:triple")
+PROBE_KINDS = ("probe:logratio", "probe:triple")  # the unsupervised sources that are linear probes
 
 
 @dataclass
@@ -75,11 +77,24 @@ class SourceResult:
     metrics: dict[str, dict[str, float]]
     counts: dict[str, int]
     supervised: bool
+    # A probe source's fitted weights on its features: raw = X @ coef + intercept; pred = factor * raw.
+    coef: np.ndarray | None = None
+    intercept: float | None = None
+    factor: float = 1.0
+    cv_pred_fit: np.ndarray | None = None  # 5-fold out-of-fold predictions on the fit words
+    cv_tau_ci: dict[str, float] | None = None  # bootstrap CI of cv_tau_fit (computed for the headline sources)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "features": self.features, "hook": self.hook,
-                "cv_tau_fit": self.cv_tau_fit, "metrics": self.metrics, "counts": self.counts,
-                "supervised": self.supervised}
+                "cv_tau_fit": self.cv_tau_fit, "cv_tau_ci": self.cv_tau_ci, "metrics": self.metrics,
+                "counts": self.counts, "supervised": self.supervised}
+
+
+def rescale_factor(pred: np.ndarray, table_values: np.ndarray) -> float:
+    """The factor of :func:`rescale`."""
+    q_pred = np.quantile(np.abs(pred), 0.95)
+    q_tab = np.quantile(np.abs(table_values), 0.95)
+    return float(q_tab / q_pred) if q_pred > 0 else 1.0
 
 
 def rescale(pred: np.ndarray, table_values: np.ndarray) -> np.ndarray:
@@ -88,15 +103,27 @@ def rescale(pred: np.ndarray, table_values: np.ndarray) -> np.ndarray:
     The scale matches the 95th percentiles of ``|pred|`` and of ``|table|``: robust to a few extreme
     words, and it uses only the table's range, never any word's utility.
     """
-    q_pred = np.quantile(np.abs(pred), 0.95)
-    q_tab = np.quantile(np.abs(table_values), 0.95)
-    return pred * (q_tab / q_pred) if q_pred > 0 else pred.copy()
+    return pred * rescale_factor(pred, table_values)
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve of ``p`` separating words of positive from negative utility ``y``
+    (words of zero utility left out): the metric that suits a table of few values, where Kendall tau
+    saturates on ties."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    pos, neg = p[y > 0], p[y < 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    from scipy.stats import rankdata
+
+    r = rankdata(np.concatenate([pos, neg]))
+    return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def _metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
     out = {}
     for name, fn in (("kendall_tau", kendall_tau), ("spearman", spearman), ("sign_agreement", sign_agreement),
-                     ("pairwise_accuracy", pairwise_accuracy)):
+                     ("pairwise_accuracy", pairwise_accuracy), ("auc", auc)):
         if np.ptp(p) == 0:
             out[name] = {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": int(len(y))}
             continue
@@ -132,13 +159,17 @@ def reconstruct(data: WordData, *, n_boot: int = 1000, seed: int = 0, folds: int
     y_test = u[test]
     results: list[SourceResult] = []
 
-    def add(name, kind, pred_raw, cv_pred_fit, *, features=None, hook=None, supervised=False):
-        pred = rescale(pred_raw, u)
-        cv_tau = kendall_tau(u[fit], cv_pred_fit) if np.ptp(cv_pred_fit) > 0 else float("nan")
+    def add(name, kind, pred_raw, cv_pred_fit, *, features=None, hook=None, supervised=False, probe=None):
+        factor = rescale_factor(pred_raw, u)
+        pred = pred_raw * factor
+        ok = np.ptp(cv_pred_fit) > 0
+        cv_tau = kendall_tau(u[fit], cv_pred_fit) if ok else float("nan")
         results.append(SourceResult(
             name=name, kind=kind, features=features, hook=hook, pred_all=pred, cv_tau_fit=float(cv_tau),
             metrics=_metrics(y_test, pred[test], n_boot, seed), counts=_counts(y_test, pred[test]),
-            supervised=supervised))
+            supervised=supervised, coef=None if probe is None else probe[0],
+            intercept=None if probe is None else float(probe[1]), factor=factor,
+            cv_pred_fit=np.asarray(cv_pred_fit, dtype=np.float64)))
 
     logratio = (data.lp_tuned - data.lp_base).mean(1)
     add("logratio", "logratio", logratio, logratio[fit])
@@ -162,15 +193,18 @@ def reconstruct(data: WordData, *, n_boot: int = 1000, seed: int = 0, folds: int
             # the same solution as fitting it alone, but one eigendecomposition per fold serves them all.
             cols = list(targets.items()) if fname in feature_sets else []
             Y = np.stack([t for _, (t, _) in cols] + ([base_pref] if fname == "base" else []), 1)
-            pred = RidgeProbe(alpha="auto").fit(X[fit], Y[fit]).predict(X)
+            probe = RidgeProbe(alpha="auto").fit(X[fit], Y[fit])
+            pred = probe.predict(X)
             cv = _cv_predict(X[fit], Y[fit], folds, seed)
+            coef, icpt = np.atleast_2d(probe.coef_), np.atleast_1d(probe.intercept_)
             for j, (kind, (_, supervised)) in enumerate(cols):
                 add(f"{kind}/{fname}/{hook}", kind, pred[:, j], cv[:, j], features=fname, hook=hook,
-                    supervised=supervised)
+                    supervised=supervised, probe=(coef[j], icpt[j]))
             if fname == "base":
-                control = (pred[:, -1], cv[:, -1])
+                control = (pred[:, -1], cv[:, -1], (coef[-1], icpt[-1]))
         assert control is not None
-        add(f"control:probe/base/{hook}", "control", *control, features="base", hook=hook)
+        add(f"control:probe/base/{hook}", "control", control[0], control[1], features="base", hook=hook,
+            probe=control[2])
     return results
 
 
@@ -195,13 +229,33 @@ def divergence_table(data: WordData, src: SourceResult, k: int = 15) -> dict[str
     return {"overvalued": rows(order[::-1][:k]), "undervalued": rows(order[:k])}
 
 
-def summarise(results: Sequence[SourceResult]) -> dict[str, Any]:
-    """Headline numbers: best unsupervised IRM, ceiling and control, each with held-out tau and CI."""
+def cv_tau_interval(r: SourceResult, u_fit: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, float] | None:
+    """Bootstrap CI (over fit words) of a source's cross-validated Kendall tau; stored on ``r``."""
+    if r.cv_tau_ci is None and r.cv_pred_fit is not None and np.ptp(r.cv_pred_fit) > 0:
+        r.cv_tau_ci = bootstrap_ci(kendall_tau, u_fit, r.cv_pred_fit, n_boot=n_boot, seed=seed).to_dict()
+    return r.cv_tau_ci
+
+
+def recovered(r: SourceResult) -> bool:
+    """Whether a source counts as a recovered IRM: its cross-validated tau interval lies above 0."""
+    ci = r.cv_tau_ci
+    return bool(ci is not None and np.isfinite(ci.get("low", np.nan)) and ci["low"] > 0)
+
+
+def summarise(results: Sequence[SourceResult], u_fit: np.ndarray | None = None, *, n_boot: int = 1000,
+              seed: int = 0) -> dict[str, Any]:
+    """Headline numbers: best unsupervised IRM, ceiling and control, each with held-out tau and CI.
+
+    With ``u_fit`` (the fit words' explicit utilities) the best source's cross-validated tau gets a
+    bootstrap interval, and ``irm_recovered`` says whether it lies above 0: a "best" IRM whose interval
+    includes 0 is no IRM, and the report says "no IRM recovered"."""
     def brief(r: SourceResult) -> dict[str, Any]:
-        return {"source": r.name, "cv_tau_fit": r.cv_tau_fit, **{k: v for k, v in r.metrics.items()},
-                "counts": r.counts}
+        return {"source": r.name, "cv_tau_fit": r.cv_tau_fit, "cv_tau_ci": r.cv_tau_ci,
+                **{k: v for k, v in r.metrics.items()}, "counts": r.counts}
 
     b = best(results, UNSUPERVISED)
+    if u_fit is not None:
+        cv_tau_interval(b, u_fit, n_boot=n_boot, seed=seed)
     ceiling = best(results, ["ceiling"])
     control = best(results, ["control"])
     tau = b.metrics["kendall_tau"]
@@ -213,6 +267,7 @@ def summarise(results: Sequence[SourceResult]) -> dict[str, Any]:
         "logratio_direct": brief(next(r for r in results if r.name == "logratio")),
         "gain_over_control": (tau["value"] - ctl["value"]) if np.isfinite(ctl["value"]) else tau["value"],
         "best_above_control": bool(tau["low"] > ctl["high"]) if np.isfinite(ctl["high"]) else bool(tau["low"] > 0),
+        "irm_recovered": recovered(b) if u_fit is not None else None,
     }
 
 

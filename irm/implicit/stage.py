@@ -17,19 +17,24 @@ import torch
 from irm.activations.capture import StoreExistsError, capture_activations
 from irm.core.log import get_logger
 from irm.implicit.logratio import LogRatioRM
+from irm.implicit.probe_rm import ProbeMeta, ProbeRM
 from irm.implicit.reconstruct import (
+    PROBE_KINDS,
     UNSUPERVISED,
     WordData,
-    as_table,
     best,
+    cv_tau_interval,
     divergence_table,
     reconstruct,
+    recovered,
     summarise,
 )
+from irm.implicit.sequence import collect_sequence_data, compare_sequences
 from irm.implicit.words import NEUTRAL_WORDS, TEMPLATES, WordSplit, build_triples, word_records
 from irm.rewards import TokenUtilityRM
+from irm.rewards.utilities import resolve_templates, word_utilities
 from irm.run.config import ConfigError, register_section
-from irm.run.registry import RunContext, stage
+from irm.run.registry import RunContext, preflight, stage
 
 __all__ = ["IRMConfig", "collect_word_data", "sequence_agreement"]
 
@@ -52,6 +57,16 @@ class IRMConfig:
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
     sequence_eval: bool = field(default=True, metadata={
         "help": "Also compare IRM and explicit rewards on held-out (prompt, response) pairs."})
+    sequence_probes: bool = field(default=True, metadata={
+        "help": "Also fit probes on whole responses (held-out generations; targets from the pair) and compare "
+                "them with the explicit RM on held-out prompts."})
+    templates: list[str] | str = field(default="reviews", metadata={
+        "help": "Sentence templates that put each word in context, each ending with its '{w}' slot: a set "
+                "('reviews', 'everyday', 'assistant'), 'prompts' (the run's own prompts + ' {w}'), a file with "
+                "one template per line (relative to the config file), or a list."})
+    words: str = field(default="rm", metadata={
+        "help": "The words compared: 'rm' (a lexicon RM's own words; VADER's for any other RM), 'vader', or a "
+                "lexicon TSV whose words are used (its utilities are not)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str) and self.layers not in ("top_k", "all"):
@@ -63,40 +78,55 @@ class IRMConfig:
             raise ConfigError(f"[irm] test_fraction must be in (0, 1), got {self.test_fraction}.")
         if self.max_words < 50:
             raise ConfigError(f"[irm] max_words must be >= 50, got {self.max_words}.")
+        if isinstance(self.templates, str) and self.templates in ("reviews", "everyday", "assistant", "prompts"):
+            pass
+        else:
+            try:  # a list or a file: checked now; a relative file is checked again against the config's folder
+                if not isinstance(self.templates, str) or "{w}" in self.templates:
+                    resolve_templates(self.templates)
+            except ValueError as e:
+                raise ConfigError(f"[irm] templates: {e}") from e
 
 
 register_section("irm", IRMConfig)
 
 
 def collect_word_data(pair, split: WordSplit, table: dict[str, float], hooks: list[str], store_dir: Path, *,
-                      batch_size: int = 64, overwrite: bool = False) -> WordData:
+                      batch_size: int = 64, overwrite: bool = False,
+                      templates: tuple[str, ...] = TEMPLATES) -> WordData:
     """Log-probabilities and slot activations of the split's words (and the neutral words) in both models."""
     words = list(split.all_words)
     all_words = words + [w for w in NEUTRAL_WORDS if w not in words]
-    n, T = len(words), len(TEMPLATES)
+    n, T = len(words), len(templates)
     # One forward pass per model gives both the slot activations and the words' log-probabilities.
     kw = dict(hooks=hooks, positions="target", batch_size=batch_size, shard_size=1024, max_length=32,
               dataset={"source": "irm word templates"}, logprobs=True, share_prefix=True)
     models = {"base": pair.base, "tuned": pair.tuned}
     try:  # the same words, models and hooks as last time: the store is reused (or resumed)
-        store = capture_activations(models, word_records(all_words), store_dir, overwrite=overwrite, **kw)
+        store = capture_activations(models, word_records(all_words, templates), store_dir, overwrite=overwrite, **kw)
     except StoreExistsError:  # a store of other settings from an earlier run of this stage: replace it
-        store = capture_activations(models, word_records(all_words), store_dir, overwrite=True, **kw)
+        store = capture_activations(models, word_records(all_words, templates), store_dir, overwrite=True, **kw)
     lp_b = store.logprobs("base").reshape(len(all_words), T)
     lp_t = store.logprobs("tuned").reshape(len(all_words), T)
     feats: dict[str, dict[str, np.ndarray]] = {}
+    neutral_feats: dict[str, dict[str, np.ndarray]] = {}
     dist: dict[str, np.ndarray] = {}
     for h in hooks:
         acts = {r: store.load(r, h).double().reshape(len(all_words), T, -1) for r in ("base", "tuned")}
         feats[h] = {"tuned": acts["tuned"][:n].mean(1).numpy(), "base": acts["base"][:n].mean(1).numpy()}
         feats[h]["diff"] = feats[h]["tuned"] - feats[h]["base"]
+        # The neutral words' slot activations: the zero point of the probe IRM's sequence scores.
+        nb, nt = acts["base"][n:].mean(1).numpy(), acts["tuned"][n:].mean(1).numpy()
+        neutral_feats[h] = {"tuned": nt, "base": nb, "diff": nt - nb}
         neutral = acts["tuned"][n:].mean(0)  # [T, d]: the neutral variant of every template
         d = torch.linalg.vector_norm(acts["tuned"][:n] - neutral, dim=-1) / torch.linalg.vector_norm(neutral, dim=-1)
         dist[h] = d.mean(1).numpy()
     lr = (lp_t - lp_b).mean(1)
     return WordData(words=words, n_fit=len(split.fit_words), utilities=np.array([table[w] for w in words]),
                     lp_base=lp_b[:n], lp_tuned=lp_t[:n], feats=feats, triple_dist=dist,
-                    neutral_logratio=float(lr[n:].mean()), extra={"store": str(store.path)})
+                    neutral_logratio=float(lr[n:].mean()),
+                    extra={"store": str(store.path), "neutral_feats": neutral_feats,
+                           "neutral_words": all_words[n:]})
 
 
 def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, str]]) -> dict[str, Any]:
@@ -139,6 +169,115 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
     return out
 
 
+def save_probe(ctx: RunContext, data: WordData, results, rm, *, hooks: list[str], n_boot: int = 1000,
+               name: str = "irm_linear", templates: tuple[str, ...] = TEMPLATES):
+    """The best unsupervised *probe* source (highest cross-validated tau on the fit words) as a
+    :class:`~irm.implicit.probe_rm.ProbeRM`, saved to ``RUN_DIR/irm_probe``; returns (rm, info)."""
+    src = best(results, PROBE_KINDS)
+    cv_tau_interval(src, data.utilities[data.fit], n_boot=n_boot, seed=ctx.cfg.seed)
+    neutral = data.extra["neutral_feats"][src.hook][src.features]
+    neutral_u = float(np.mean(src.factor * (neutral @ src.coef + src.intercept)))
+    meta = ProbeMeta(
+        hook=src.hook, features=src.features, intercept=float(src.intercept), factor=float(src.factor),
+        neutral_utility=neutral_u, scale=float(getattr(rm, "scale", 1.0) or 1.0), clip=getattr(rm, "clip", None),
+        templates=list(templates), neutral_words=list(data.extra["neutral_words"]), pair=ctx.pair.identities(),
+        source=src.name,
+        fit={"kind": src.kind, "n_fit_words": data.n_fit, "cv_tau_fit": src.cv_tau_fit, "cv_tau_ci": src.cv_tau_ci,
+             "held_out": src.metrics, "recovered": recovered(src), "explicit_rm": getattr(rm, "name", None),
+             "hooks_probed": hooks})
+    probe = ProbeRM(ctx.pair, meta, src.coef, name=name)
+    path = probe.save(ctx.run_path / "irm_probe")
+    info = {"path": str(path), "source": src.name, "hook": src.hook, "features": src.features,
+            "cv_tau_fit": src.cv_tau_fit, "cv_tau_ci": src.cv_tau_ci, "recovered": recovered(src),
+            "neutral_utility": neutral_u, "kendall_tau_held_out": src.metrics["kendall_tau"]}
+    if not recovered(src):
+        log.warning("The linear IRM %s is not recovered: its cross-validated tau interval %s includes 0. It is "
+                    "saved, but read its scores as noise.", src.name, src.cv_tau_ci)
+    return probe, info
+
+
+def _config_dir(ctx_cfg) -> Path | None:
+    return Path(ctx_cfg.source).resolve().parent if getattr(ctx_cfg, "source", None) else None
+
+
+def run_templates(ctx: RunContext, cfg: IRMConfig) -> tuple[str, ...]:
+    return resolve_templates(cfg.templates, prompts=ctx.train_prompts, base_dir=_config_dir(ctx.cfg))
+
+
+def word_vocabulary(cfg: IRMConfig, rm: Any, base_dir: Path | None = None) -> list[str]:
+    """The candidate words of the word-level comparison (``[irm] words``)."""
+    if cfg.words == "rm" and callable(getattr(rm, "alphabetic_words", None)):
+        return rm.alphabetic_words()
+    if cfg.words in ("rm", "vader"):
+        return TokenUtilityRM.from_vader().alphabetic_words()
+    p = Path(cfg.words)
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    if not p.is_file():
+        raise ConfigError(f"[irm] words = {cfg.words!r}: {p.resolve()} does not exist; use 'rm', 'vader' or a "
+                          "lexicon TSV.")
+    return TokenUtilityRM.from_tsv(p).alphabetic_words()
+
+
+def word_split(cfg: IRMConfig, words: list[str], seed: int) -> WordSplit:
+    try:
+        return WordSplit.from_words(words, test_fraction=cfg.test_fraction, max_words=cfg.max_words, seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"[irm] {e}") from e
+
+
+def explicit_word_utilities(ctx: RunContext, cfg: IRMConfig, rm: Any, templates: tuple[str, ...]):
+    """(split, word -> explicit utility, info): the explicit RM's own utility of each word, from its table
+    (a lexicon) or from its scores of the templates with the word against neutral words (any other RM)."""
+    words = word_vocabulary(cfg, rm, _config_dir(ctx.cfg))
+    if hasattr(rm, "table"):
+        words = [w for w in words if rm.word_utility(w) is not None]
+    split = word_split(cfg, words, ctx.cfg.seed)
+    wu = word_utilities(rm, list(split.all_words), templates=templates)
+    keep = np.isfinite(wu.values)
+    table = {w: float(v) for w, v, k in zip(wu.words, wu.values, keep, strict=True) if k}
+    info: dict[str, Any] = {"method": wu.method, "n_words": len(table), "n_distinct_values": len(set(table.values()))}
+    if wu.method == "templates":
+        info["spread_across_templates"] = {"mean": float(np.mean(wu.spread)), "median": float(np.median(wu.spread))}
+        info["utility_std"] = float(np.std(wu.values))
+        log.info("Explicit utilities of %d words from %s's scores of %d templates (utility std %.3f, spread across "
+                 "templates %.3f)", len(table), getattr(rm, "name", rm), len(templates), info["utility_std"],
+                 info["spread_across_templates"]["mean"])
+    if len(table) < len(split.all_words):
+        split = word_split(cfg, list(table), ctx.cfg.seed)
+    vals = np.array(list(table.values()))
+    if np.ptp(vals) == 0:
+        raise ValueError(f"The explicit RM {getattr(rm, 'name', rm)!r} gives every word the same utility "
+                         f"({vals[0]:.3g}) in these templates; nothing to compare. Try other [irm] templates.")
+    return split, table, info
+
+
+def _triples_example(split: WordSplit, table: dict[str, float], templates, seed: int) -> list:
+    words = [w for w in split.fit_words[:40] if table.get(w)][:20]
+    try:
+        return [t.sentences() for t in build_triples(words, [table[w] for w in words], templates, seed=seed)[:6]]
+    except ValueError:  # no words of both signs among the first ones
+        return []
+
+
+@preflight("irm")
+def _preflight_irm(cfg) -> None:
+    """Before any stage runs (tuning takes minutes): the word list, its split and the templates."""
+    icfg: IRMConfig = cfg.section("irm")
+    base_dir = _config_dir(cfg)
+    if cfg.reward.kind == "lexicon":
+        rm = cfg.reward.build()  # reads the table: milliseconds
+        words = [w for w in word_vocabulary(icfg, rm, base_dir) if rm.word_utility(w) is not None]
+    else:
+        words = word_vocabulary(icfg, None, base_dir)
+    word_split(icfg, words, cfg.seed)
+    if icfg.templates != "prompts":
+        try:
+            resolve_templates(icfg.templates, base_dir=base_dir)
+        except ValueError as e:
+            raise ConfigError(f"[irm] templates: {e}") from e
+
+
 def _layers(ctx: RunContext, cfg: IRMConfig, n_layers: int) -> list[int]:
     if cfg.layers == "all":
         return list(range(n_layers))
@@ -157,47 +296,57 @@ def _stage_irm(ctx: RunContext) -> None:
         ctx.run.update_results("irm", {"skipped": "no tuned model: name [models] tuned or enable [tune]"})
         log.warning("irm stage skipped: it needs a tuned model")
         return
-    if not hasattr(ctx.rm, "table"):
-        ctx.run.update_results("irm", {"skipped": f"explicit RM {ctx.rm.name!r} has no word -> utility table; "
-                                                  "the word-level reconstruction needs a lexicon RM"})
-        return
     t0 = time.perf_counter()
-    rm: TokenUtilityRM = ctx.rm
-    split = WordSplit.from_words(rm.alphabetic_words(), test_fraction=cfg.test_fraction, max_words=cfg.max_words,
-                                 seed=ctx.cfg.seed)
+    rm = ctx.rm
+    templates = run_templates(ctx, cfg)
+    split, table, utilities_info = explicit_word_utilities(ctx, cfg, rm, templates)
     layers = _layers(ctx, cfg, ctx.pair.base.n_layers)
     hooks = [cfg.hook.format(layer=li) for li in layers]
-    data = collect_word_data(ctx.pair, split, rm.table, hooks, ctx.run_path / "irm_store", batch_size=cfg.batch_size)
+    data = collect_word_data(ctx.pair, split, table, hooks, ctx.run_path / "irm_store", batch_size=cfg.batch_size,
+                             templates=templates)
     results = reconstruct(data, n_boot=cfg.n_boot, seed=ctx.cfg.seed, feature_sets=cfg.feature_sets)
-    summary = summarise(results)
+    summary = summarise(results, data.utilities[data.fit], n_boot=cfg.n_boot, seed=ctx.cfg.seed)
     top = best(results, UNSUPERVISED)
     section: dict[str, Any] = {
         "summary": summary,
         "split": split.to_dict(),
         "layers": layers,
         "hooks": hooks,
-        "templates": list(TEMPLATES),
+        "templates": list(templates),
+        "explicit_utilities": utilities_info,
         "sources": [r.to_dict() for r in results],
         "divergence": divergence_table(data, top),
         "definitions": {"recovered": "same sign and |reconstructed - true| <= 1.0",
                         "badly_wrong": "opposite sign with |true| >= 1.0 and |reconstructed| >= 1.0",
                         "best_unsupervised": "highest 5-fold CV Kendall tau on fit words among "
                                              + ", ".join(UNSUPERVISED)},
-        "triples_example": [t.sentences() for t in build_triples(
-            list(split.fit_words[:20]), [rm.table[w] for w in split.fit_words[:20]], seed=ctx.cfg.seed)[:6]],
+        "triples_example": _triples_example(split, table, templates, ctx.cfg.seed),
     }
     beta = cfg.beta or float(ctx.state.get("tune_beta") or 0.04)
-    irms = {
-        "irm_logratio": LogRatioRM(ctx.pair, beta=beta),
-        "irm_linear": TokenUtilityRM(as_table(data.words, top.pred_all), scale=rm.scale, clip=rm.clip,
-                                     score_prompt=rm.score_prompt, name="irm_linear"),
-    }
+    probe_rm, probe_info = save_probe(ctx, data, results, rm, hooks=hooks, n_boot=cfg.n_boot, templates=templates)
+    section["probe"] = probe_info
+    irms = {"irm_logratio": LogRatioRM(ctx.pair, beta=beta), "irm_linear": probe_rm}
     ctx.state["irms"] = irms
     ctx.state["irm_data"] = data
     ctx.state["irm_results"] = results
     samples = ctx.state.get("samples")
     if cfg.sequence_eval and samples:
         section["sequence"] = sequence_agreement(rm, irms, samples)
+    if cfg.sequence_probes and samples:
+        try:
+            sdata = collect_sequence_data(ctx.pair, rm, samples, hooks, beta=beta, seed=ctx.cfg.seed,
+                                          batch_size=cfg.batch_size)
+            section["sequence_probes"] = compare_sequences(sdata, feature_sets=cfg.feature_sets, n_boot=cfg.n_boot,
+                                                           seed=ctx.cfg.seed)
+            sp = section["sequence_probes"]
+            ctx.tracker.log_table("irm/sequence_probes", ["source", "kind", "supervised", "cv_tau_fit",
+                                                          "pairwise_accuracy", "acc_low", "acc_high", "kendall_tau"],
+                                  [[r["name"], r["kind"], r["supervised"], r["cv_tau_fit"],
+                                    r["pairwise_accuracy"]["value"], r["pairwise_accuracy"]["low"],
+                                    r["pairwise_accuracy"]["high"], r["kendall_tau"]["value"]] for r in sp["sources"]])
+        except ValueError as e:
+            log.warning("sequence-level probes skipped: %s", e)
+            section["sequence_probes"] = {"skipped": str(e)}
     section["seconds"] = time.perf_counter() - t0
     ctx.run.update_results("irm", section)
     _plots(ctx, data, results, top)

@@ -23,21 +23,13 @@ import numpy as np
 
 from irm.activations.capture import CaptureRecord
 from irm.implicit.logratio import response_logprobs
+from irm.rewards.utilities import NEUTRAL_WORDS, TEMPLATE_SETS
 
 __all__ = ["TEMPLATES", "NEUTRAL_WORDS", "WordSplit", "word_logprobs", "word_records", "Triple", "build_triples"]
 
-# The slot is always last, so a word's log-probability is that of the text's final tokens.
-TEMPLATES: tuple[str, ...] = (
-    "The movie was {w}",
-    "I thought the film was {w}",
-    "Honestly, the acting felt {w}",
-    "The ending left me feeling {w}",
-    "My friends said the story was {w}",
-    "Overall, I would call it {w}",
-)
-# Words with no lexicon utility, used as the neutral variant of a contrastive triple.
-NEUTRAL_WORDS: tuple[str, ...] = ("long", "new", "recent", "ordinary", "typical", "different", "american",
-                                  "short", "familiar", "another")
+# The slot is always last, so a word's log-probability is that of the text's final tokens. The
+# default set; others (irm.rewards.utilities.TEMPLATE_SETS) are chosen with [irm] templates.
+TEMPLATES: tuple[str, ...] = TEMPLATE_SETS["reviews"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +46,7 @@ class WordSplit:
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
         words = sorted(set(words))
+        n_all = len(words)
 
         def h(w: str) -> float:
             return int(hashlib.sha256(f"{seed}:{w}".encode()).hexdigest()[:12], 16) / 16**12
@@ -65,8 +58,15 @@ class WordSplit:
         test = tuple(w for w in words if h(w) < test_fraction)
         fit = tuple(w for w in words if h(w) >= test_fraction)
         if len(test) < 10 or len(fit) < 10:
-            raise ValueError(f"Too few words to split ({len(fit)} fit, {len(test)} held out); "
-                             "raise max_words or use a larger lexicon.")
+            if len(test) < 10 and len(fit) >= 10:
+                fix = (f"raise irm.test_fraction (now {test_fraction}) so that at least 10 words are held out"
+                       + (", or irm.max_words" if max_words is not None and max_words < n_all else ""))
+            elif len(fit) < 10 and len(test) >= 10:
+                fix = f"lower irm.test_fraction (now {test_fraction}) so that at least 10 words are left to fit"
+            else:
+                fix = "use a larger lexicon"
+            raise ValueError(f"Too few words to split: {len(fit)} to fit and {len(test)} held out of {len(words)} "
+                             f"words (each side needs >= 10); {fix}.")
         return cls(fit, test, seed, test_fraction)
 
     @property

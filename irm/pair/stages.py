@@ -15,9 +15,10 @@ from pathlib import Path
 
 from irm.core.constants import ROLES
 from irm.core.log import get_logger
-from irm.pair.tune import TuneConfig, tune
+from irm.pair.tune import CURVES_PNG, TuneConfig, tune
 from irm.run.config import ConfigError, register_section
 from irm.run.registry import RunContext, stage
+from irm.run.report import fmt, md_table, renderer
 
 __all__ = ["EvaluationConfig", "DivergenceConfig"]
 
@@ -92,6 +93,42 @@ def _stage_tune(ctx: RunContext) -> None:
     ctx.run.update_results("tune", result.to_dict())
     log.info("Tuned model %s (%s, %.0f s of training)", result.checkpoint,
              "reused from cache" if result.reused else "trained", result.wall_time_s)
+
+
+@renderer("tune", order=15)
+def _render_tune(sec: dict, run: Path) -> str:
+    """The tune section: where the model is, which step was kept and why, the budget's checks, and any flag
+    (a flagged run is shown first, in bold: its tuned model may not be what the rest of the report assumes)."""
+    if "skipped" in sec:
+        return f"Skipped: {sec['skipped']}\n"
+    out = [f"**Warning: {name.replace('_', ' ')}.** {flag.get('message', '')}\n\n"
+           for name, flag in (sec.get("flags") or {}).items()]
+    keys = ("checkpoint", "key", "reused", "wall_time_s", "n_train_prompts", "n_held_out_prompts", "held_out_hash",
+            "steps_run", "kept_step", "stopped_early", "stop_reason")
+    out.append(md_table(["key", "value"], [[k, sec[k]] for k in keys if k in sec]))
+    if sec.get("stop_message"):
+        out.append(f"\n{sec['stop_message']}\n")
+    checks = sec.get("checks") or []
+    if checks:
+        cfg = sec.get("config") or {}
+        budget = [f"max_kl_per_token {cfg['max_kl_per_token']:g}" if cfg.get("max_kl_per_token") is not None else None,
+                  "stop_on_over_optimised" if cfg.get("stop_on_over_optimised") else None]
+        out.append(f"\nHeld-out checks of the budget ({', '.join(b for b in budget if b)}): exact KL(tuned || base) "
+                   "per completion token, and repetition against the base's samples of step 0.\n\n")
+        out.append(md_table(["step", "KL/token", "over-optimised", "within budget", "kept"],
+                            [[c["step"], c.get("kl_per_token"),
+                              "; ".join(c.get("over_optimised_reasons") or []) or c.get("over_optimised"),
+                              c.get("within_budget"), "**kept**" if c["step"] == sec.get("kept_step") else ""]
+                             for c in checks]))
+    ev = sec.get("evaluation") or {}
+    if ev.get("reward"):
+        r = ev["reward"]
+        out.append(f"\nTune's own held-out evaluation: reward {fmt(r['base']['mean'])} (base) -> "
+                   f"{fmt(r['tuned']['mean'])} (tuned), effect size {fmt(r.get('effect_size'), 2)} base std, "
+                   f"KL {fmt((ev.get('kl_per_token') or {}).get('mean'))} nats/token.\n")
+    if (run / CURVES_PNG).is_file():
+        out.append(f"\n![tuning curves]({CURVES_PNG})\n")
+    return "".join(out)
 
 
 def _link_tuned(link: Path, checkpoint: Path) -> None:

@@ -7,13 +7,22 @@ The tuned model is written as a plain HF checkpoint (``irm.models.load_model(pat
 
     cache_root/tuned/<key>/
         config.json, model.safetensors, tokenizer files   the tuned model
-        tune_config.json    TuneConfig, seed, base and RM identities, prompt hash, versions, wall time
+        tune_config.json    TuneConfig, seed, base and RM identities, prompt hash, versions, wall time, and
+                            "outcome": steps run, the step kept and why, budget checks, flags
         curves.json         per step: reward mean/std, kl, loss, ... and held-out reward every eval_every
         split.json          the train and held-out prompts
         evaluation.json     irm.pair.evaluate.evaluate_pair on the held-out prompts (final_eval=True)
 
 ``<key>`` hashes (base identity, RM identity, tune config, prompts): a second call with the same
 inputs returns the cached model (``reused=True``); ``force=True`` retrains.
+
+Two guardrails. **Zero reward variance**: when the RM gives every completion of a prompt the same score
+in each of the first :data:`ZERO_VARIANCE_STEPS` steps, GRPO/RLOO have no advantage to learn from; a
+:class:`ZeroRewardVarianceWarning` says so once and the result carries the flag ``zero_reward_variance``
+(:func:`zero_variance_flag`). **A budget** (``max_kl_per_token``, ``stop_on_over_optimised``): every
+held-out check measures the exact KL(tuned || base) per token and the repetition flag of its samples;
+the first check over budget stops tuning and the saved model is the last check within it
+(``TuneResult.outcome``: ``kept_step``, ``stopped_early``, ``stop_reason``, ``checks``).
 
 The defaults are a recipe measured on a 2-core CPU with SmolLM2-135M-Instruct against VADER (full
 fine-tuning, GRPO, lr 1e-4 decayed linearly over 30 steps, beta 0.04, 2 prompts x 8 generations, 20
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -64,6 +74,10 @@ __all__ = [
     "TUNE_CONFIG_JSON",
     "CURVES_JSON",
     "SPLIT_JSON",
+    "ZERO_VARIANCE_STEPS",
+    "ZERO_STD_TOL",
+    "ZeroRewardVarianceWarning",
+    "zero_variance_flag",
 ]
 
 log = get_logger(__name__)
@@ -77,6 +91,10 @@ TUNE_SUMMARY_JSON = "tune.json"
 CURVES_PNG = "tune_curves.png"
 # Bump when the meaning of a cached tuned model changes (layout, what the key covers).
 _CACHE_VERSION = 1
+# The zero-variance guardrail (zero_variance_flag): the RM's scores do not vary within any prompt's group
+# (std <= ZERO_STD_TOL, in reward units) in each of the first ZERO_VARIANCE_STEPS steps.
+ZERO_VARIANCE_STEPS = 5
+ZERO_STD_TOL = 1e-6
 
 
 def _f(default: Any, help: str, **kw: Any):
@@ -88,7 +106,8 @@ class TuneConfig:
     """How to RLHF-tune a base model. Defaults: the measured SmolLM2 + VADER recipe (see module docs).
 
     Fields marked ``in_key=False`` change what is recorded, not the trained weights, so they are left
-    out of the cache key: changing them reuses a cached model.
+    out of the cache key: changing them reuses a cached model. Fields marked ``in_key="when_set"`` (the
+    budget) enter the key only when set (see :meth:`key_dict`).
     """
 
     algorithm: str = _f("grpo", "trl trainer: 'grpo' (GRPOTrainer) or 'rloo' (RLOOTrainer).")
@@ -121,6 +140,19 @@ class TuneConfig:
                                  in_key=False)
     final_eval: bool = _f(True, "Run irm.pair.evaluate.evaluate_pair on all held-out prompts after tuning and "
                                 "save it beside the model.", in_key=False)
+    max_kl_per_token: float | None = _f(
+        None, "KL budget in nats per completion token. At every held-out check (step 0, every eval_every steps, "
+              "the last step) the exact KL(tuned || base) over the vocabulary is measured on the check's samples "
+              "(as irm.pair.evaluate.completion_kl), averaged over their completion tokens; the first check above "
+              "the budget stops tuning, and the tuned model is the last check within it (`kept_step` in the "
+              "results; its weights are held in memory, one copy of the trainable parameters). None: no budget. "
+              "Needs eval_every >= 1; with a budget on, eval_every and eval_prompts enter the cache key.",
+        in_key="when_set")
+    stop_on_over_optimised: bool = _f(
+        False, "Stop at the first held-out check whose samples irm.pair.evaluate.repetition_report flags as "
+               "over-optimised against the base's samples of step 0 (rep-2 above max(2 x base, base + 0.05), or "
+               "distinct-2 below half the base's), and keep the last check that was not (as max_kl_per_token). "
+               "Needs eval_every >= 1.", in_key="when_set")
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -156,6 +188,26 @@ class TuneConfig:
             raise ValueError(f"TuneConfig.num_threads must be an integer >= 1 or None, got {self.num_threads!r}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"TuneConfig.lora_alpha must be > 0 or None (2 x lora_r), got {self.lora_alpha!r}.")
+        m = self.max_kl_per_token
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not (m > 0 and np.isfinite(m)):
+                raise ValueError(f"TuneConfig.max_kl_per_token must be a number > 0 (nats per token, e.g. 0.5) or "
+                                 f"None (no KL budget), got {m!r}.")
+            self.max_kl_per_token = float(m)  # 1 and 1.0 are one budget, and one cache key
+        if not isinstance(self.stop_on_over_optimised, bool):
+            raise ValueError(f"TuneConfig.stop_on_over_optimised must be true or false, got "
+                             f"{self.stop_on_over_optimised!r}.")
+        if self.has_budget and self.eval_every == 0:
+            raise ValueError(
+                "TuneConfig.max_kl_per_token / stop_on_over_optimised are checked at the held-out checks, but "
+                "eval_every is 0 (checks only at step 0 and the last step), so a run over budget could only fall "
+                "back to the untuned base; set eval_every >= 1 (e.g. 5) to keep intermediate steps."
+            )
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether a held-out check can stop tuning (max_kl_per_token or stop_on_over_optimised)."""
+        return self.max_kl_per_token is not None or self.stop_on_over_optimised
 
     @property
     def batch_size(self) -> int:
@@ -166,8 +218,21 @@ class TuneConfig:
         return asdict(self)
 
     def key_dict(self) -> dict[str, Any]:
-        """The fields that determine the trained weights (the cache key's part of the config)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("in_key", True)}
+        """The fields that determine the trained weights (the cache key's part of the config).
+
+        Fields marked ``in_key="when_set"`` (the budget options) enter only when they differ from their
+        default, so a config without them keeps the key it had before they existed. With a budget on,
+        the held-out checks decide which step is kept, so their schedule and samples (``eval_every``,
+        ``eval_prompts``) enter too.
+        """
+        d = {}
+        for f in dataclasses.fields(self):
+            in_key, v = f.metadata.get("in_key", True), getattr(self, f.name)
+            if in_key is True or (in_key == "when_set" and v != f.default):
+                d[f.name] = v
+        if self.has_budget:
+            d["eval_every"], d["eval_prompts"] = self.eval_every, self.eval_prompts
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TuneConfig:
@@ -197,6 +262,25 @@ class TuneResult:
     def held_out(self) -> list[str]:
         return self.held_out_prompts
 
+    @property
+    def outcome(self) -> dict[str, Any]:
+        """How tuning ended: ``steps_run``, ``kept_step``, ``stopped_early``, ``stop_reason``, ``stop_message``,
+        ``checks`` (the held-out checks of a KL / over-optimisation budget) and ``flags`` (warnings such as
+        ``zero_reward_variance``). Read from the record; a model cached before these existed gets them
+        from its curves (no budget then: the last step run is the one kept)."""
+        out = self.record.get("outcome")
+        if out is not None:
+            return out
+        return _outcome(self.curves, self.config, _Budget(self.config))
+
+    @property
+    def flags(self) -> dict[str, Any]:
+        return self.outcome["flags"]
+
+    @property
+    def kept_step(self) -> int | None:
+        return self.outcome["kept_step"]
+
     def to_dict(self) -> dict[str, Any]:
         """A results.json section: everything but the prompt lists (their counts and hashes instead)."""
         return {
@@ -208,6 +292,7 @@ class TuneResult:
             "n_train_prompts": len(self.train_prompts),
             "n_held_out_prompts": len(self.held_out_prompts),
             "held_out_hash": texts_hash(self.held_out_prompts),
+            **self.outcome,
             "curves": self.curves,
             "evaluation": self.evaluation,
             "base": self.record.get("base"),
@@ -408,29 +493,234 @@ def _plot_curves(curves: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+# ----------------------------------------------------------------------------------------------
+# The zero-variance guardrail
+class ZeroRewardVarianceWarning(UserWarning):
+    """The explicit RM gave every completion of a prompt the same score in the first steps of tuning."""
+
+
+def _callable_name(fn: Any) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+class _RewardRecorder:
+    """The RM as trl calls it, scores unchanged, recording each call's within-group spread of the scores.
+
+    trl samples ``num_generations`` completions of each prompt side by side in the batch it scores, so
+    row ``i`` of ``scores.reshape(-1, num_generations)`` is one prompt's group; its std (ddof 1, as trl's)
+    is what a GRPO/RLOO advantage is made of. Measured on the RM's own scores, before trl adds anything
+    (RLOO's KL penalty), so the same criterion holds for both algorithms.
+    """
+
+    def __init__(self, rm: Callable[..., list[float]], num_generations: int) -> None:
+        self.rm, self.num_generations = rm, num_generations
+        self.__name__ = _callable_name(rm)  # trl names the reward in its logs by this
+        self._pending: list[float] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        out = self.rm(prompts, completions, **kwargs)
+        r = np.asarray([np.nan if v is None else v for v in out], dtype=np.float64)
+        if len(r) and len(r) % self.num_generations == 0:
+            for g in r.reshape(-1, self.num_generations):
+                g = g[np.isfinite(g)]
+                if len(g) >= 2:
+                    self._pending.append(float(np.std(g, ddof=1)))
+        return out
+
+    def drain(self) -> float | None:
+        """The largest within-group std since the last call (None: nothing scored)."""
+        out, self._pending = (max(self._pending) if self._pending else None), []
+        return out
+
+
+def _zero_variance_step(row: dict[str, Any]) -> bool | None:
+    """Whether a logged step had no within-group reward variance (None: not recorded)."""
+    if row.get("reward_group_std_max") is not None:  # the RM's own scores (_RewardRecorder)
+        return row["reward_group_std_max"] <= ZERO_STD_TOL
+    if row.get("frac_reward_zero_std") is not None:  # trl's: share of groups whose std is ~0
+        return row["frac_reward_zero_std"] >= 1.0
+    if row.get("reward_std") is not None:  # a model cached before either: the batch std bounds every group's
+        return row["reward_std"] <= ZERO_STD_TOL
+    return None
+
+
+def zero_variance_flag(curves: Sequence[dict[str, Any]], first_steps: int,
+                       num_generations: int | None = None) -> dict[str, Any] | None:
+    """The ``zero_reward_variance`` flag of a tuning run, or None when it does not apply.
+
+    Criterion: in **each** of the first ``first_steps`` logged steps, every prompt's group of completions
+    got scores whose std is at most :data:`ZERO_STD_TOL` (the RM's own scores; trl's ``frac_reward_zero_std``
+    = 1, or a batch ``reward_std`` of ~0, for records that lack them). GRPO and RLOO compare completions
+    of the same prompt, so their advantages are then all zero: the steps carry no learning signal and
+    the policy stays (almost) where it started, which also makes the later steps very likely the same.
+    """
+    train = [c for c in curves if "reward_mean" in c][:first_steps]
+    if len(train) < first_steps or first_steps < 1:
+        return None
+    zero = [_zero_variance_step(c) for c in train]
+    if not all(z is True for z in zero):
+        return None
+    all_rows = [c for c in curves if "reward_mean" in c]
+    stds = [c.get("reward_group_std_max") for c in train if c.get("reward_group_std_max") is not None]
+    means = [c["reward_mean"] for c in train if c.get("reward_mean") is not None]
+    n_zero = sum(_zero_variance_step(c) is True for c in all_rows)
+    group = f"{num_generations} completions" if num_generations else "completions"
+    message = (
+        f"The explicit reward did not vary within any prompt's group of {group} in each of the first "
+        f"{first_steps} tuning steps (within-group std <= {ZERO_STD_TOL:g}; mean reward "
+        f"{np.mean(means) if means else 0.0:.4g}): GRPO/RLOO advantages were all zero, so those steps had no "
+        f"learning signal and left the policy (almost) where it started ({n_zero} of the {len(all_rows)} steps "
+        "run had no variance). Usual causes: the prompts never elicit what "
+        "the reward pays for (e.g. a lexicon whose words the completions never contain: look at a few samples "
+        "and at the RM's scores of them), or the reward is constant (a classifier saturated at one label, a "
+        "reward function that returns a fixed value). Fix: prompts that elicit the rewarded content, a denser "
+        "reward, longer completions (max_new_tokens) or more completions per prompt (num_generations)."
+    )
+    return {"first_steps": first_steps, "max_group_std": max(stds) if stds else None,
+            "reward_mean": float(np.mean(means)) if means else None, "zero_variance_steps": n_zero,
+            "steps": len(all_rows), "message": message}
+
+
+# ----------------------------------------------------------------------------------------------
+# The KL / over-optimisation budget
+def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class _Budget:
+    """The held-out checks of a KL / over-optimisation budget, and the weights of the last check within it.
+
+    The weights are a copy of the trainable parameters (all of them in full fine-tuning, the adapter
+    with LoRA), in memory: one copy, replaced at each passing check. The frozen parameters cannot
+    differ from any check's.
+    """
+
+    def __init__(self, config: TuneConfig) -> None:
+        self.config = config
+        self.checks: list[dict[str, Any]] = []
+        self.kept_step: int | None = None
+        self.stop_step: int | None = None
+        self.stop_reason: str | None = None
+        self.stop_message: str | None = None
+        self._snapshot: dict[str, torch.Tensor] | None = None
+
+    def check(self, model, step: int, kl: float | None, repetition: dict[str, Any]) -> bool:
+        """Record one check; keep the weights when it is within budget. Returns whether it is."""
+        c = self.config
+        failed: list[tuple[str, str]] = []
+        if step > 0:  # step 0 is the base itself: KL(base || base) = 0 up to float noise, nothing to repeat
+            if c.max_kl_per_token is not None and kl is not None and kl > c.max_kl_per_token:
+                failed.append(("max_kl_per_token", f"KL(tuned || base) {kl:.4g} nats/token > max_kl_per_token "
+                                                   f"{c.max_kl_per_token:g}"))
+            if c.stop_on_over_optimised and repetition["flag_over_optimised"]:
+                failed.append(("over_optimised", "over-optimised (" + "; ".join(repetition["reasons"]) + ")"))
+        self.checks.append({"step": step, "kl_per_token": kl, "over_optimised": repetition["flag_over_optimised"],
+                            "over_optimised_reasons": list(repetition["reasons"]), "within_budget": not failed})
+        if not failed:
+            with torch.no_grad():
+                self._snapshot = {n: p.detach().clone() for n, p in _trainable(model)}
+            self.kept_step = step
+            return True
+        if self.stop_step is None:
+            kept = next(ch for ch in reversed(self.checks) if ch["step"] == self.kept_step)
+            self.stop_step = step
+            self.stop_reason = ", ".join(name for name, _ in failed)
+            self.stop_message = (f"Held-out check at step {step}: {'; '.join(msg for _, msg in failed)}. Tuning "
+                                 f"stopped there and kept the model of step {self.kept_step} (KL "
+                                 f"{_fmt(kept['kl_per_token'])} nats/token, the last check within budget).")
+        return False
+
+    def discard(self) -> None:
+        """Free the copy of the weights (the model in hand is the one kept)."""
+        self._snapshot = None
+
+    def restore(self, model) -> None:
+        """Put the kept check's weights back into ``model``."""
+        if self._snapshot is None:
+            raise RuntimeError("The KL budget has no check within it to restore; step 0 (the base) always is, "
+                               "so the check at step 0 did not run. This is a bug in irm.pair.tune.")
+        with torch.no_grad():
+            for n, p in _trainable(model):
+                p.copy_(self._snapshot[n])
+        self._snapshot = None
+
+
+def _outcome(curves: list[dict[str, Any]], config: TuneConfig, budget: _Budget) -> dict[str, Any]:
+    """How a tuning run ended (TuneResult.outcome): steps run, the step kept and why, the checks, flags."""
+    steps_run = max((int(c["step"]) for c in curves if "reward_mean" in c), default=0)
+    flags = {}
+    zv = zero_variance_flag(curves, min(ZERO_VARIANCE_STEPS, config.steps), config.num_generations)
+    if zv is not None:
+        flags["zero_reward_variance"] = zv
+    return {
+        "steps_run": steps_run,
+        "kept_step": budget.kept_step if config.has_budget and budget.checks else steps_run,
+        "stopped_early": steps_run < config.steps,
+        "stop_reason": budget.stop_reason,
+        "stop_message": budget.stop_message,
+        "checks": budget.checks,
+        "flags": flags,
+    }
+
+
 def _make_callback(*, config: TuneConfig, eval_prompts: list[str], rm, tokenizer, tracker, curves: list,
-                   partial: Path, t0: float):
+                   partial: Path, t0: float, recorder: _RewardRecorder | None = None, budget: _Budget | None = None,
+                   ref_model: Callable[[], Any] | None = None):
+    """The trl callback. ``budget`` (with ``ref_model``, a function that returns the frozen base) turns on
+    the KL and repetition checks that can stop tuning; ``recorder`` is the RM as trl calls it."""
     from transformers import TrainerCallback
 
     from irm.models.generation import generate
+    from irm.pair.evaluate import completion_kl, repetition_report
 
-    def held_out_eval(model, step: int) -> None:
+    base_ids: list[list[int]] = []  # the base's completions (step 0): what repetition is compared with
+    checked: list[int] = []
+    first = min(ZERO_VARIANCE_STEPS, config.steps)
+    warned = []
+
+    def held_out_eval(model, step: int) -> bool:
+        """Score samples of the held-out prompts; with a budget, measure KL and judge. True: within budget."""
         gens = generate(model, tokenizer, eval_prompts, max_new_tokens=config.max_new_tokens,
                         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                         seed=config.seed, batch_size=32, desc="held-out eval")
         r = np.asarray(rm(gens.prompts, gens.completions), dtype=np.float64)
+        ids = gens.content_ids()
+        if not base_ids:
+            base_ids.extend(ids)  # step 0: the untouched base, on the same prompts and random streams
+        rep, dist = repetition_report(base_ids, ids)
         row = {"step": step, "held_out_reward_mean": float(r.mean()),
                "held_out_reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0,
-               "elapsed_s": time.perf_counter() - t0}
+               "rep_2": rep["tuned"], "distinct_2": dist["tuned"]["distinct_2"],
+               "over_optimised": rep["flag_over_optimised"]}
+        within = True
+        if budget is not None:
+            kls = [k for k in completion_kl(ref_model(), model, gens, pad_token_id=tokenizer.pad_token_id,
+                                            batch_size=32) if len(k)]
+            row["kl_per_token"] = float(np.concatenate(kls).mean()) if kls else None
+            within = budget.check(model, step, row["kl_per_token"], rep)
+            row["within_budget"] = within
+        row["elapsed_s"] = time.perf_counter() - t0
         curves.append(row)
-        log.info("step %d/%d: held-out reward %.3f +- %.3f (%.0f s)", step, config.steps,
-                 row["held_out_reward_mean"], row["held_out_reward_std"], row["elapsed_s"])
+        checked.append(step)
+        log.info("step %d/%d: held-out reward %.3f +- %.3f%s%s (%.0f s)", step, config.steps,
+                 row["held_out_reward_mean"], row["held_out_reward_std"],
+                 f", KL {_fmt(row['kl_per_token'])} nats/token" if "kl_per_token" in row else "",
+                 ", over-optimised" if row["over_optimised"] else "", row["elapsed_s"])
+        if not within:
+            log.warning("%s", budget.stop_message if budget.stop_step == step else f"step {step} over budget")
         if tracker is not None:
-            tracker.log({"tune/held_out_reward_mean": row["held_out_reward_mean"],
-                         "tune/held_out_reward_std": row["held_out_reward_std"]}, step=step)
+            names = {"held_out_reward_mean": "held_out_reward_mean", "held_out_reward_std": "held_out_reward_std",
+                     "kl_per_token": "held_out_kl_per_token", "rep_2": "held_out_rep_2",
+                     "over_optimised": "held_out_over_optimised"}
+            tracker.log({f"tune/{name}": float(row[k]) for k, name in names.items() if row.get(k) is not None},
+                        step=step)
+        return within
 
     class _IrmCallback(TrainerCallback):
-        """Records curves, logs to the tracker, evaluates on held-out prompts, saves checkpoints."""
+        """Records curves, logs to the tracker, evaluates on held-out prompts (and keeps the KL budget),
+        warns when the reward has no variance, saves checkpoints."""
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             held_out_eval(model, 0)  # the base itself: step 0 of the held-out curve
@@ -443,6 +733,8 @@ def _make_callback(*, config: TuneConfig, eval_prompts: list[str], rm, tokenizer
                 "step": int(state.global_step),
                 "reward_mean": _clean(logs.get("reward")),
                 "reward_std": _clean(logs.get("reward_std")),
+                "reward_group_std_max": recorder.drain() if recorder is not None else None,
+                "frac_reward_zero_std": _clean(logs.get("frac_reward_zero_std")),
                 "kl": _clean(logs.get("kl")),
                 "loss": _clean(logs.get("loss")),
                 "entropy": _clean(logs.get("entropy")),
@@ -456,6 +748,13 @@ def _make_callback(*, config: TuneConfig, eval_prompts: list[str], rm, tokenizer
                 log.info("step %d/%d: train reward %.3f +- %.3f, kl %s, loss %s (%.0f s)", row["step"], config.steps,
                          row["reward_mean"] or 0.0, row["reward_std"] or 0.0, _fmt(row["kl"]), _fmt(row["loss"]),
                          row["elapsed_s"])
+            if not warned and sum("reward_mean" in c for c in curves) == first:
+                warned.append(True)  # once: the flag is decided by the first steps
+                flag = zero_variance_flag(curves, first, config.num_generations)
+                if flag is not None:
+                    log.warning("%s", flag["message"])
+                    # stacklevel 1: issued from irm, not from the trainer, whose warnings _quiet() silences
+                    warnings.warn(flag["message"], ZeroRewardVarianceWarning, stacklevel=1)
             if tracker is not None:
                 tracker.log({f"tune/{k}": v for k, v in row.items() if k != "step" and v is not None},
                             step=row["step"])
@@ -463,7 +762,8 @@ def _make_callback(*, config: TuneConfig, eval_prompts: list[str], rm, tokenizer
         def on_step_end(self, args, state, control, model=None, **kw):
             step = int(state.global_step)
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                held_out_eval(model, step)
+                if not held_out_eval(model, step):
+                    control.should_training_stop = True
             if config.save_every and step % config.save_every == 0 and step != config.steps:
                 # Weights only (no optimiser state): these are for looking at, not for resuming.
                 out = partial / "checkpoints" / f"step-{step:06d}"
@@ -471,7 +771,15 @@ def _make_callback(*, config: TuneConfig, eval_prompts: list[str], rm, tokenizer
                 tokenizer.save_pretrained(out)
 
         def on_train_end(self, args, state, control, model=None, **kw):
-            held_out_eval(model, int(state.global_step))
+            step = int(state.global_step)
+            if not checked or checked[-1] != step:  # a check that stopped tuning was this step's already
+                held_out_eval(model, step)
+            if budget is not None and budget.kept_step != step:
+                budget.restore(model)
+                log.warning("KL budget: the tuned model is the one of step %s, not of step %d (%s).",
+                            budget.kept_step, step, budget.stop_reason)
+            elif budget is not None:
+                budget.discard()  # the last step is within budget: its copy is not needed
 
     return _IrmCallback()
 
@@ -491,18 +799,39 @@ def _drop_log_printing(trainer, disable_tqdm: bool) -> None:
 
 
 def _train(config, hf_model, tokenizer, rm, train, eval_prompts, tracker, curves, partial, dev, disable_tqdm,
-           peft_config, t0):
-    """Build the trl trainer, train, and save the (merged) model into ``partial``."""
+           peft_config, t0, budget: _Budget | None = None, load_base: Callable[[], Any] | None = None):
+    """Build the trl trainer, train, and save the (merged) model into ``partial``.
+
+    With a ``budget``, the held-out checks measure KL against trl's frozen base copy (with LoRA, where trl
+    keeps none, against ``load_base()``), and the saved model is the last check within budget.
+    """
     from datasets import Dataset
 
     _, TrainerCls = _trainer_classes(config.algorithm)
+    # An nn.Module RM is run by trl as a sequence classifier on token ids: it is passed as it is, and the
+    # zero-variance guardrail reads trl's frac_reward_zero_std instead of the recorder's.
+    recorder = None if isinstance(rm, torch.nn.Module) else _RewardRecorder(rm, config.num_generations)
+    refs: list[Any] = []
+
+    def ref_model():
+        if not refs:
+            ref = getattr(trainer, "ref_model", None)
+            if ref is None:  # LoRA: trl disables the adapter instead of keeping a copy
+                if load_base is None:
+                    raise RuntimeError("The KL budget needs the base model, but trl kept no copy of it and no "
+                                       "loader was given; this is a bug in irm.pair.tune.")
+                ref = load_base()
+            refs.append(ref)
+        return refs[0]
+
     with _quiet():
         args = _trainer_args(config, partial / "trainer", dev, disable_tqdm)
         callback = _make_callback(config=config, eval_prompts=eval_prompts, rm=rm, tokenizer=tokenizer,
-                                  tracker=tracker, curves=curves, partial=partial, t0=t0)
+                                  tracker=tracker, curves=curves, partial=partial, t0=t0, recorder=recorder,
+                                  budget=budget, ref_model=ref_model)
         trainer = TrainerCls(
             model=hf_model,
-            reward_funcs=rm,
+            reward_funcs=recorder if recorder is not None else rm,
             args=args,
             train_dataset=Dataset.from_dict({"prompt": train}),
             processing_class=tokenizer,
@@ -625,6 +954,8 @@ def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, fo
     if _is_complete(out) and not force:
         log.info("Reusing the tuned model cached at %s (force=True retrains).", out)
         result = _load_cached(out, key, config)
+        for name, flag in result.flags.items():
+            log.warning("The cached tuned model is flagged %s: %s", name, flag["message"])
         if config.final_eval and result.evaluation is None:
             result.evaluation = _final_eval(base_spec, out, rm, held_out, config, dev)
         _write_run_dir(run_dir, result)
@@ -657,10 +988,17 @@ def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, fo
     log.info("Tuning %s against %s with %s: %d steps x %d completions (%d train / %d held-out prompts) -> %s",
              base_spec, rm_ident.get("name"), config.algorithm.upper(), config.steps, config.batch_size,
              len(train), len(held_out), out)
+    budget = _Budget(config)
+
+    def load_base():
+        with _quiet():
+            return load_model(base_spec, device=dev).hf_model
+
     t0 = time.perf_counter()
     try:
         trainer, model, wall = _train(config, hf_model, base.tokenizer, rm, train, eval_prompts, tracker, curves,
-                                      partial, dev, disable_tqdm, peft_config, t0)
+                                      partial, dev, disable_tqdm, peft_config, t0,
+                                      budget=budget if config.has_budget else None, load_base=load_base)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # no half-made model is ever mistaken for a cached one
         raise
@@ -679,6 +1017,7 @@ def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, fo
         "wall_time_s": wall,
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "outcome": _outcome(curves, config, budget),
     }
     _write_json(partial / TUNE_CONFIG_JSON, record)
     _write_json(partial / CURVES_JSON, curves)
@@ -690,7 +1029,11 @@ def _tune(base_spec, rm, prompts, config: TuneConfig, *, cache_root, run_dir, fo
     if out.exists():
         shutil.rmtree(out)
     partial.replace(out)
-    log.info("Tuned in %.0f s; saved to %s", wall, out)
+    outcome = record["outcome"]
+    if outcome["stop_message"]:
+        log.info("%s", outcome["stop_message"])
+    log.info("Tuned in %.0f s (%d steps, kept step %s); saved to %s", wall, outcome["steps_run"],
+             outcome["kept_step"], out)
 
     result = TuneResult(checkpoint=out, key=key, train_prompts=train, held_out_prompts=held_out, curves=curves,
                         wall_time_s=wall, reused=False, config=config, record=record)

@@ -296,14 +296,29 @@ def config_from_dict(data: dict[str, Any], *, source: str | None = None) -> Expe
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a TOML experiment config. ``overrides`` maps dotted keys to values (``{"capture.batch_size": 8}``)."""
+    """Read a TOML experiment config, or the ``config.json`` a run saved (which reproduces that run).
+    ``overrides`` maps dotted keys to values (``{"capture.batch_size": 8}``)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file {path.resolve()} does not exist. Examples are in experiments/.")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        raise ConfigError(f"Config file {path.resolve()} does not exist. Examples are in experiments/; a run's own "
+                          "config is runs/NAME/config.json.")
+    source = str(path)
+    if path.suffix.lower() == ".json":  # a run's saved config (runs/NAME/config.json): reproduces that run
+        import json
+
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config is a JSON object, got {type(data).__name__}.")
+        # Relative paths of the run resolve against the config it was made from.
+        source = data.pop("source", None) or source
+    else:
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -311,7 +326,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
             node = node.setdefault(p, {})
         node[leaf] = value
     try:
-        return config_from_dict(data, source=str(path))
+        return config_from_dict(data, source=source)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
 

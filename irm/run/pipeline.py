@@ -14,7 +14,7 @@ from typing import Any
 
 from irm.core.log import get_logger
 from irm.run.config import ExperimentConfig
-from irm.run.registry import RunContext, import_stages, ordered_stages
+from irm.run.registry import RunContext, import_stages, ordered_stages, run_preflights
 from irm.run.rundir import RunDir, seed_everything
 
 __all__ = ["run_experiment", "run_capture", "open_context"]
@@ -56,8 +56,9 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False, only: list[str
     for n in (only or []) + (skip or []):
         if n not in names:
             raise ValueError(f"Unknown stage {n!r}; stages are {names}.")
-    ctx = open_context(cfg, force=force)
     selected = [n for n in names if not ((only and n not in only) or (skip and n in skip))]
+    run_preflights(cfg, selected)  # inputs checked before anything runs (tuning takes minutes)
+    ctx = open_context(cfg, force=force)
     ctx.state["stages"] = selected  # stages may leave to a later one what it does anyway
     t_all = time.perf_counter()
     try:

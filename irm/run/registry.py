@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from irm.run.config import ExperimentConfig
     from irm.run.rundir import RunDir
 
-__all__ = ["RunContext", "stage", "STAGES", "STAGE_MODULES", "ordered_stages", "import_stages"]
+__all__ = ["RunContext", "stage", "STAGES", "STAGE_MODULES", "ordered_stages", "import_stages", "preflight",
+           "run_preflights", "PREFLIGHTS"]
 
 #: The modules that register the built-in stages, their config sections and report renderers.
 STAGE_MODULES = (
@@ -97,6 +98,31 @@ def stage(name: str, *, order: int) -> Callable[[StageFn], StageFn]:
         return fn
 
     return deco
+
+
+PreflightFn = Callable[[Any], None]
+#: stage name -> checks of the config that run before any stage does (``preflight``).
+PREFLIGHTS: dict[str, list[PreflightFn]] = {}
+
+
+def preflight(name: str) -> Callable[[PreflightFn], PreflightFn]:
+    """Register a check of stage ``name``'s inputs, ``fn(cfg)``, run before the first stage of a run that
+    includes ``name``: a typo'd path or a too-small word list fails in seconds, not after tuning. Checks
+    read files and configs only; they load no model. They raise ``ConfigError`` saying what to fix."""
+
+    def deco(fn: PreflightFn) -> PreflightFn:
+        if fn not in PREFLIGHTS.setdefault(name, []):
+            PREFLIGHTS[name].append(fn)
+        return fn
+
+    return deco
+
+
+def run_preflights(cfg: Any, stages: list[str]) -> None:
+    """Every registered check of the given stages, in stage order."""
+    for name in stages:
+        for fn in PREFLIGHTS.get(name, []):
+            fn(cfg)
 
 
 def ordered_stages() -> list[tuple[str, StageFn]]:

@@ -81,12 +81,24 @@ def _irm(sec: dict[str, Any], run: Path) -> str:
     if "skipped" in sec:
         return f"Skipped: {sec['skipped']}\n"
     s = sec["summary"]
-    out = [
+    eu = sec.get("explicit_utilities") or {}
+    how = ("read from the lexicon's table" if eu.get("method", "table") == "table" else
+           f"from the explicit RM's scores of {len(sec.get('templates', []))} templates with each word against "
+           "neutral words")
+    out = []
+    if s.get("irm_recovered") is False:
+        b = s["best_unsupervised"]
+        out.append(f"**No IRM recovered**: the best unsupervised source ({b['source']}) has a cross-validated tau "
+                   f"interval {ci(b.get('cv_tau_ci'))} that includes 0 on the fit words; its numbers below are no "
+                   "evidence of an implicit reward.\n\n")
+    out += [
         "Reconstructed word -> utility tables on **held-out words** "
-        f"({sec['split']['n_test']} held out, {sec['split']['n_fit']} used for fitting), compared with the explicit table.\n",
-        md_table(["", "source", "Kendall tau [95% CI]", "Spearman", "sign agreement", "recovered", "badly wrong"], [
+        f"({sec['split']['n_test']} held out, {sec['split']['n_fit']} used for fitting), compared with the explicit "
+        f"RM's utilities ({how}; {eu.get('n_distinct_values', 'n/a')} distinct values).\n",
+        md_table(["", "source", "Kendall tau [95% CI]", "Spearman", "sign agreement", "AUC (sign)", "recovered",
+                  "badly wrong"], [
             [label, s[k]["source"], ci(s[k]["kendall_tau"]), ci(s[k]["spearman"]), ci(s[k]["sign_agreement"]),
-             f"{s[k]['counts']['recovered']}/{s[k]['counts']['n']}", s[k]["counts"]["badly_wrong"]]
+             ci(s[k].get("auc")), f"{s[k]['counts']['recovered']}/{s[k]['counts']['n']}", s[k]["counts"]["badly_wrong"]]
             for label, k in (("best IRM (unsupervised)", "best_unsupervised"), ("log-ratio (no probe)", "logratio_direct"),
                              ("decodability ceiling", "ceiling"), ("control (untuned base)", "control"))]),
         f"\nGain of the best IRM over the control: tau {fmt(s['gain_over_control'])}; "
@@ -95,6 +107,12 @@ def _irm(sec: dict[str, Any], run: Path) -> str:
         _img(run, "irm_scatter.png", "reconstructed vs true utility"),
         _img(run, "irm_tau_per_layer.png", "tau per layer and source"),
     ]
+    pr = sec.get("probe")
+    if pr:
+        out.append(f"\nThe linear IRM handed to later stages and saved as a reward model (`{pr['path']}`, load it with "
+                   f"`load_rm(\"probe:...\")` or `irm score --rm probe:...`): {pr['source']}, cross-validated tau "
+                   f"{ci(pr.get('cv_tau_ci'))}" + ("" if pr.get("recovered") else " (**not recovered**: interval includes 0)")
+                   + ".\n")
     top = sorted(sec["sources"], key=lambda r: -(r["metrics"]["kendall_tau"]["value"] or -9))[:12]
     out.append("\nAll sources, best 12 by held-out tau (cv tau = 5-fold CV on fit words, used for selection):\n\n")
     out.append(md_table(["source", "supervised", "cv tau (fit)", "held-out tau [CI]"],
@@ -113,6 +131,20 @@ def _irm(sec: dict[str, Any], run: Path) -> str:
                             [[k, v.get("pairwise_agreement"), v.get("n_pairs"), v.get("n_irm_ties"),
                               ci(v.get("kendall_tau")), ci(v.get("spearman"))]
                              for k, v in seq.items() if isinstance(v, dict)]))
+    sp = sec.get("sequence_probes")
+    if sp and "summary" in sp:
+        out.append(f"\nProbes on whole responses ({sp['n_test_texts']} test texts of {sp['n_test_prompts']} held-out "
+                   "prompts; targets from the pair, compared with the explicit RM):\n\n")
+        rows = []
+        for label, k in (("linear IRM (unsupervised)", "linear_irm"), ("log-ratio (no probe)", "logratio_direct"),
+                         ("ceiling (fitted to the explicit RM)", "ceiling"), ("control (untuned base)", "control")):
+            r = sp["summary"].get(k)
+            if r:
+                rows.append([label, r["name"], ci(r["pairwise_accuracy"]), r["n_pairs"], r["n_ties"],
+                             ci(r["kendall_tau"])])
+        out.append(md_table(["", "source", "pairwise accuracy [CI]", "pairs", "ties", "Kendall tau [CI]"], rows))
+    elif sp and "skipped" in sp:
+        out.append(f"\nProbes on whole responses: skipped ({sp['skipped']}).\n")
     return "".join(out)
 
 
