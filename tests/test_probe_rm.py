@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +173,7 @@ def test_the_pipeline_runs_with_a_classifier_rm(tmp_path):
     assert {s["kind"] for s in irm["sources"]} >= {"logratio", "probe:logratio", "probe:triple", "ceiling"}
     assert "auc" in irm["summary"]["best_unsupervised"]
     assert (ctx.run_path / "irm_probe" / "probe.json").is_file()
-    assert "irm_linear" in res["contrastive"]["rms"] if "rms" in res["contrastive"] else True
+    assert "irm_linear" in json.dumps(res["contrastive"])  # the probe IRM is explained too
     assert "## irm" in (ctx.run_path / "report.md").read_text()
 
 
@@ -186,11 +185,10 @@ def test_a_too_small_lexicon_fails_before_tuning_naming_the_setting(tmp_path):
     words = vader.alphabetic_words()[:: len(vader.alphabetic_words()) // 40][:40]
     lex = tmp_path / "small.tsv"
     lex.write_text("".join(f"{w}\t{vader.table[w]}\n" for w in words))
-    t0 = time.perf_counter()
     with pytest.raises(ConfigError, match=r"irm\.test_fraction"):
         _run(tmp_path / "run", **{"reward.params": {"path": str(lex)}})
-    assert time.perf_counter() - t0 < 30
-    assert not (tmp_path / "run" / "results.json").exists()  # nothing ran: not even the run directory's results
+    # Nothing ran, not even the run directory: the check came before the reward, the tuning and all else.
+    assert not (tmp_path / "run").exists()
 
 
 def test_sequence_level_probes_are_compared_with_the_explicit_rm(tiny_irm):
@@ -204,7 +202,10 @@ def test_sequence_level_probes_are_compared_with_the_explicit_rm(tiny_irm):
         assert 0.0 <= acc["value"] <= 1.0 and acc["low"] <= acc["value"] <= acc["high"], (k, acc)
     # The supervised ceiling reads the explicit RM off the activations; the unsupervised IRM never saw it.
     assert sp["summary"]["ceiling"]["supervised"] and not sp["summary"]["linear_irm"]["supervised"]
-    assert "Probes on whole responses" in (tiny_irm.run_path / "report.md").read_text() or True
+    from irm.run.report import write_report
+
+    report = write_report(tiny_irm.run_path).read_text()
+    assert "Probes on whole responses" in report and "linear IRM (unsupervised)" in report
 
 
 def test_pair_accuracy_counts_prompts_ties_and_skips_explicit_ties():

@@ -44,24 +44,38 @@ from irm.core.log import get_logger
 from irm.implicit.words import NEUTRAL_WORDS, TEMPLATES, word_records
 from irm.rewards.base import BaseRewardModel, register_reward_model
 
-__all__ = ["ProbeRM", "ProbeMeta", "PROBE_JSON", "PROBE_WEIGHTS", "FEATURES"]
+__all__ = ["ProbeRM", "ProbeMeta", "ProbeComponent", "PROBE_JSON", "PROBE_WEIGHTS", "FEATURES"]
 
 log = get_logger(__name__)
 
 PROBE_JSON = "probe.json"
 PROBE_WEIGHTS = "probe.safetensors"
 FEATURES = ("tuned", "base", "diff")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
-class ProbeMeta:
-    """Everything of a probe but its weights."""
+class ProbeComponent:
+    """One linear read-out: ``factor * (coef . x + intercept)`` with ``x`` the activation at ``hook`` of
+    ``features`` (the tuned model, the base model, or tuned - base)."""
 
     hook: str
     features: str  # tuned | base | diff (= tuned - base)
     intercept: float
-    factor: float  # raw probe output -> explicit table units
+    factor: float  # raw probe output -> explicit table units (ensemble weights included)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise ValueError(f"Probe features {self.features!r} is not one of {FEATURES}.")
+
+
+@dataclass
+class ProbeMeta:
+    """Everything of a probe but its weights. A probe is one linear read-out or the sum of several (an
+    ensemble of the best cross-validated sources); a word's utility is the sum over components."""
+
+    components: list[ProbeComponent]
     neutral_utility: float  # mean utility of the neutral words (the zero of sequence scores)
     scale: float = 1.0  # sequence reward = sum of word utilities / scale ...
     clip: float | None = None  # ... clipped to [-clip, clip]
@@ -75,10 +89,22 @@ class ProbeMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.features not in FEATURES:
-            raise ValueError(f"Probe features {self.features!r} is not one of {FEATURES}.")
+        self.components = [c if isinstance(c, ProbeComponent) else ProbeComponent(**c) for c in self.components]
+        if not self.components:
+            raise ValueError("A probe needs at least one component.")
         if not all("{w}" in t and t.rstrip().endswith("{w}") for t in self.templates):
             raise ValueError("Every probe template must end with its '{w}' slot.")
+
+    @property
+    def hooks(self) -> list[str]:
+        return sorted({c.hook for c in self.components})
+
+    @property
+    def roles(self) -> list[str]:
+        need = set()
+        for c in self.components:
+            need.update(("base", "tuned") if c.features == "diff" else (c.features,))
+        return sorted(need)
 
 
 class ProbeRM(BaseRewardModel):
@@ -87,32 +113,36 @@ class ProbeRM(BaseRewardModel):
     def __init__(self, pair, meta: ProbeMeta, coef: np.ndarray | torch.Tensor, *, name: str = "irm_linear") -> None:
         self.pair = pair
         self.meta = meta
-        self.coef = torch.as_tensor(np.asarray(coef, dtype=np.float64)).flatten()
-        d = pair.base.d_model if meta.features == "base" else pair.tuned.d_model
-        if self.coef.numel() != d:
-            raise ValueError(f"Probe has {self.coef.numel()} weights but {meta.hook} of this model has d_model={d}.")
+        self.coef = torch.as_tensor(np.asarray(coef, dtype=np.float64)).reshape(len(meta.components), -1)
+        d = pair.tuned.d_model
+        if self.coef.shape[1] != d:
+            raise ValueError(f"Probe has {self.coef.shape[1]} weights per component but this model has d_model={d}.")
         self.name = name
 
     # -------------------------------------------------------------------------------------------
     @property
     def _roles(self) -> dict[str, Any]:
-        f = self.meta.features
-        if f == "diff":
-            return {"base": self.pair.base, "tuned": self.pair.tuned}
-        return {f: getattr(self.pair, f)}
+        return {r: getattr(self.pair, r) for r in self.meta.roles}
 
-    def _features(self, store) -> torch.Tensor:
-        h = self.meta.hook
-        if self.meta.features == "diff":
-            return store.load("tuned", h, dtype=torch.float64) - store.load("base", h, dtype=torch.float64)
-        return store.load(self.meta.features, h, dtype=torch.float64)
+    def _utility(self, store) -> np.ndarray:
+        """Summed utility of every row of a store holding the components' hooks."""
+        cache: dict[tuple[str, str], torch.Tensor] = {}
 
-    def _utility(self, x: torch.Tensor) -> np.ndarray:
-        return (self.meta.factor * (x @ self.coef + self.meta.intercept)).numpy()
+        def act(role: str, hook: str) -> torch.Tensor:
+            if (role, hook) not in cache:
+                cache[role, hook] = store.load(role, hook, dtype=torch.float64)
+            return cache[role, hook]
+
+        total = None
+        for c, w in zip(self.meta.components, self.coef, strict=True):
+            x = act("tuned", c.hook) - act("base", c.hook) if c.features == "diff" else act(c.features, c.hook)
+            u = c.factor * (x @ w + c.intercept)
+            total = u if total is None else total + u
+        return total.numpy()
 
     def _capture(self, records: list[CaptureRecord], positions: str):
         tmp = tempfile.TemporaryDirectory(prefix="irm-probe-")
-        store = capture_activations(self._roles, records, Path(tmp.name) / "store", hooks=[self.meta.hook],
+        store = capture_activations(self._roles, records, Path(tmp.name) / "store", hooks=self.meta.hooks,
                                     positions=positions, batch_size=self.meta.batch_size, shard_size=4096,
                                     max_length=self.meta.max_length, dataset={"source": f"probe {self.name}"},
                                     share_prefix=True)
@@ -131,8 +161,8 @@ class ProbeRM(BaseRewardModel):
         T = len(self.meta.templates)
         tmp, store = self._capture(word_records(words, self.meta.templates), "target")
         with tmp:
-            x = self._features(store).reshape(len(words), T, -1).mean(1)
-            return self._utility(x)
+            # Linear: the mean over templates of the utility is the utility of the mean activation.
+            return self._utility(store).reshape(len(words), T).mean(1)
 
     def token_utilities(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[tuple[str, float]]]:
         """Per response: (word, utility relative to the neutral words) for each word, read at the word's
@@ -146,7 +176,7 @@ class ProbeRM(BaseRewardModel):
         records = [CaptureRecord(prompts[i] + responses[i], prompt_chars=len(prompts[i])) for i in keep]
         tmp, store = self._capture(records, "words")
         with tmp:
-            u = self._utility(self._features(store)) - self.meta.neutral_utility
+            u = self._utility(store) - self.meta.neutral_utility
             index = store.index()
         text_of_row, pos_of_row = index["text"], index["pos"]
         for j, i in enumerate(keep):
@@ -187,6 +217,7 @@ class ProbeRM(BaseRewardModel):
             raise FileNotFoundError(f"{path} is not a saved probe: it needs {PROBE_JSON} and {PROBE_WEIGHTS} (an "
                                     "irm run writes one to runs/NAME/irm_probe).")
         d = json.loads((path / PROBE_JSON).read_text())
+        d["components"] = [ProbeComponent(**c) for c in d.get("components", [])]
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}/{PROBE_JSON} has format {d.get('format_version')}; this irm reads "
                              f"{FORMAT_VERSION}. Re-run the irm stage to save it again.")

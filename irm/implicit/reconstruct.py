@@ -39,8 +39,9 @@ __all__ = ["WordData", "SourceResult", "reconstruct", "rescale", "rescale_factor
 
 RECOVERED_TOL = 1.0  # a word is "recovered": same sign and within 1.0 of the true utility (VADER is in [-4, 4])
 BADLY_WRONG_MIN = 1.0  # "badly wrong": opposite sign, with both |true| and |reconstructed| at least 1.0
-UNSUPERVISED = ("logratio", "probe:logratio", "probe:triple")
-PROBE_KINDS = ("probe:logratio", "probe:triple")  # the unsupervised sources that are linear probes
+UNSUPERVISED = ("logratio", "probe:logratio", "probe:triple", "ensemble")
+PROBE_KINDS = ("probe:logratio", "probe:triple", "ensemble")  # the unsupervised sources that are linear probes
+ENSEMBLE_SIZES = (2, 3, 5)
 
 
 @dataclass
@@ -83,11 +84,24 @@ class SourceResult:
     factor: float = 1.0
     cv_pred_fit: np.ndarray | None = None  # 5-fold out-of-fold predictions on the fit words
     cv_tau_ci: dict[str, float] | None = None  # bootstrap CI of cv_tau_fit (computed for the headline sources)
+    components: list[tuple[SourceResult, float]] | None = None  # an ensemble: (source, weight on its raw output)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "features": self.features, "hook": self.hook,
-                "cv_tau_fit": self.cv_tau_fit, "cv_tau_ci": self.cv_tau_ci, "metrics": self.metrics,
-                "counts": self.counts, "supervised": self.supervised}
+        d = {"name": self.name, "kind": self.kind, "features": self.features, "hook": self.hook,
+             "cv_tau_fit": self.cv_tau_fit, "cv_tau_ci": self.cv_tau_ci, "metrics": self.metrics,
+             "counts": self.counts, "supervised": self.supervised}
+        if self.components:
+            d["components"] = [c.name for c, _ in self.components]
+        return d
+
+    def linear_parts(self) -> list[tuple[SourceResult, float]]:
+        """(probe source, weight on its raw output ``X @ coef + intercept``) whose sum is this source's
+        prediction: itself with its rescale factor, or an ensemble's members."""
+        if self.components:
+            return self.components
+        if self.coef is None:
+            raise ValueError(f"{self.name} is not a linear probe.")
+        return [(self, self.factor)]
 
 
 def rescale_factor(pred: np.ndarray, table_values: np.ndarray) -> float:
@@ -205,7 +219,33 @@ def reconstruct(data: WordData, *, n_boot: int = 1000, seed: int = 0, folds: int
         assert control is not None
         add(f"control:probe/base/{hook}", "control", control[0], control[1], features="base", hook=hook,
             probe=control[2])
+    _add_ensembles(results, u, fit, test, n_boot=n_boot, seed=seed)
     return results
+
+
+def _add_ensembles(results: list[SourceResult], u: np.ndarray, fit: slice, test: slice, *, n_boot: int,
+                   seed: int) -> None:
+    """Ensembles of the unsupervised probes with the highest cross-validated tau on the fit words: the
+    mean of their rescaled predictions (and of their out-of-fold predictions, for the ensemble's own
+    cross-validated tau). Several layers and targets agree on the words they all rank confidently and
+    average out each one's noise; members and sizes are chosen on the fit words only."""
+    cands = sorted([r for r in results if r.kind in ("probe:logratio", "probe:triple") and np.isfinite(r.cv_tau_fit)],
+                   key=lambda r: -r.cv_tau_fit)
+    y_test = u[test]
+    for k in ENSEMBLE_SIZES:
+        if len(cands) < k:
+            break
+        members = cands[:k]
+        mean = np.mean([r.pred_all for r in members], 0)
+        cv = np.mean([r.factor * r.cv_pred_fit for r in members], 0)
+        f = rescale_factor(mean, u)
+        pred = mean * f
+        cv_tau = kendall_tau(u[fit], cv) if np.ptp(cv) > 0 else float("nan")
+        results.append(SourceResult(
+            name=f"ensemble:top{k}", kind="ensemble", features=None, hook=None, pred_all=pred,
+            cv_tau_fit=float(cv_tau), metrics=_metrics(y_test, pred[test], n_boot, seed),
+            counts=_counts(y_test, pred[test]), supervised=False, factor=f, cv_pred_fit=cv * f,
+            components=[(r, r.factor * f / k) for r in members]))
 
 
 def best(results: Sequence[SourceResult], kinds: Sequence[str]) -> SourceResult:

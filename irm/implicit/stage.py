@@ -17,7 +17,7 @@ import torch
 from irm.activations.capture import StoreExistsError, capture_activations
 from irm.core.log import get_logger
 from irm.implicit.logratio import LogRatioRM
-from irm.implicit.probe_rm import ProbeMeta, ProbeRM
+from irm.implicit.probe_rm import ProbeComponent, ProbeMeta, ProbeRM
 from irm.implicit.reconstruct import (
     PROBE_KINDS,
     UNSUPERVISED,
@@ -175,19 +175,21 @@ def save_probe(ctx: RunContext, data: WordData, results, rm, *, hooks: list[str]
     :class:`~irm.implicit.probe_rm.ProbeRM`, saved to ``RUN_DIR/irm_probe``; returns (rm, info)."""
     src = best(results, PROBE_KINDS)
     cv_tau_interval(src, data.utilities[data.fit], n_boot=n_boot, seed=ctx.cfg.seed)
-    neutral = data.extra["neutral_feats"][src.hook][src.features]
-    neutral_u = float(np.mean(src.factor * (neutral @ src.coef + src.intercept)))
+    parts = src.linear_parts()
+    neutral_u = float(np.mean(sum(w * (data.extra["neutral_feats"][r.hook][r.features] @ r.coef + r.intercept)
+                                  for r, w in parts)))
     meta = ProbeMeta(
-        hook=src.hook, features=src.features, intercept=float(src.intercept), factor=float(src.factor),
+        components=[ProbeComponent(hook=r.hook, features=r.features, intercept=float(r.intercept), factor=float(w),
+                                   source=r.name) for r, w in parts],
         neutral_utility=neutral_u, scale=float(getattr(rm, "scale", 1.0) or 1.0), clip=getattr(rm, "clip", None),
         templates=list(templates), neutral_words=list(data.extra["neutral_words"]), pair=ctx.pair.identities(),
         source=src.name,
         fit={"kind": src.kind, "n_fit_words": data.n_fit, "cv_tau_fit": src.cv_tau_fit, "cv_tau_ci": src.cv_tau_ci,
              "held_out": src.metrics, "recovered": recovered(src), "explicit_rm": getattr(rm, "name", None),
              "hooks_probed": hooks})
-    probe = ProbeRM(ctx.pair, meta, src.coef, name=name)
+    probe = ProbeRM(ctx.pair, meta, np.stack([r.coef for r, _ in parts]), name=name)
     path = probe.save(ctx.run_path / "irm_probe")
-    info = {"path": str(path), "source": src.name, "hook": src.hook, "features": src.features,
+    info = {"path": str(path), "source": src.name, "components": [r.name for r, _ in parts],
             "cv_tau_fit": src.cv_tau_fit, "cv_tau_ci": src.cv_tau_ci, "recovered": recovered(src),
             "neutral_utility": neutral_u, "kendall_tau_held_out": src.metrics["kendall_tau"]}
     if not recovered(src):
