@@ -10,9 +10,15 @@ medians are compared:
 - ``capture_bridge``: the same through the TransformerBridge's hook points (``IRM_NATIVE_HOOKS=0``),
   where ``capture`` runs the HF modules with plain forward hooks;
 - ``hf``: the limit, ``hf_model(input_ids, attention_mask, position_ids)`` with no hooks on the
-  same left-padded, length-sorted batches, on a separate copy of the model that no bridge wraps;
+  same left-padded, length-sorted batches, on a separate copy of the model that no bridge wraps,
+  with torch's default ``Linear`` (the default BLAS on a CPU, cuBLAS on a GPU);
 - ``hf_body``: the same without the unembedding (``hf_model.model(...)``), the tighter limit for a
   capture of every layer;
+- ``hf_same`` / ``hf_body_same``: ``hf`` and ``hf_body`` with the capture's own matrix-product kernels.
+  :func:`irm.models.load_model` makes every ``Linear`` of a float32 CPU model an
+  :class:`irm.models.OneDNNLinear` (oneDNN instead of the default BLAS), so ``capture / hf`` mixes that
+  kernel choice with the capture's own cost; ``capture / hf_same`` is the capture's cost alone. Run
+  only where the kernels differ (float32 on a CPU with oneDNN); elsewhere they are ``hf`` itself;
 - ``tl_cache``: ``bridge.run_with_cache(input_ids, attention_mask=...)`` with no ``names_filter``
   (every hook of every layer cached; what users often do), same batches.
 
@@ -21,12 +27,15 @@ skips the final norm and the unembedding; ``hf`` and ``tl_cache`` compute logits
 
 Peak RSS: capture alone in a fresh subprocess (after a one-batch warm-up) for 1x and 4x the texts
 (the 1x texts repeated, so the shards are alike); a memory-bounded capture has the same peak for
-both, although the store grows 4x.
+both, although the store grows 4x. On a GPU (``--device cuda``) every side also reports its peak GPU
+memory above what was allocated before it (the weights of both copies), and the timings wait for the
+GPU (``torch.cuda.synchronize``) before the clock stops.
 
     python benchmarks/bench_capture.py                       # SmolLM2-135M, 64 texts of ~4 prompts
     python benchmarks/bench_capture.py --model tiny-llama --reps 9
     python benchmarks/bench_capture.py --join 1 --n-texts 256  # the main job's short prompts
     python benchmarks/bench_capture.py --profile             # + cProfile of one capture
+    python benchmarks/bench_capture.py --device cuda --dtype bfloat16 --no-rss --json out.json
 """
 
 from __future__ import annotations
@@ -110,11 +119,17 @@ def throughput(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from irm.activations.capture import capture_activations, records_from_texts
-    from irm.models import load_model
+    from irm.models import OneDNNLinear, load_model, onednn_linear_available, torch_dtype, use_onednn_linear
 
-    m = load_model(args.model)
-    bare = AutoModelForCausalLM.from_pretrained(m.identity.checkpoint, dtype=torch.float32).eval()
+    dev = torch.device(args.device)
+    wdtype = torch_dtype(args.dtype)
+    m = load_model(args.model, device=dev, dtype=wdtype)
+    bare = AutoModelForCausalLM.from_pretrained(m.identity.checkpoint, dtype=wdtype).eval().to(dev)
     bridge = m.bridge
+    # The capture's kernels: load_model gives a float32 CPU model oneDNN linears, which take their fast
+    # path only for float32 on a CPU (OneDNNLinear.forward); anywhere else both copies run F.linear.
+    n_onednn = sum(type(mod) is OneDNNLinear for mod in m.hf_model.modules())
+    same_differs = (n_onednn > 0 and dev.type == "cpu" and wdtype == torch.float32 and onednn_linear_available())
     texts = make_texts(args.n_texts, args.join)
     records = records_from_texts(texts)
     batches, n_tokens = _batches(m.tokenizer, texts, args.batch_size, args.shard_size, args.max_length)
@@ -131,42 +146,66 @@ def throughput(args) -> dict:
             os.environ.pop("IRM_NATIVE_HOOKS")
 
     @torch.no_grad()
-    def run_hf(k: int) -> None:
-        for x, mask, pos in batches:
-            bare(input_ids=x, attention_mask=mask, position_ids=pos)
+    def run_bare(body: bool, same_kernels: bool) -> None:
+        """The bare copy over the batches (inputs moved to the device inside, as the capture does);
+        ``same_kernels``: with the capture's oneDNN linears for the duration of the pass."""
+        fwd = bare.model if body else bare
+        if same_kernels:
+            use_onednn_linear(bare, True)
+        try:
+            for x, mask, pos in batches:
+                fwd(input_ids=x.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+        finally:
+            if same_kernels:
+                use_onednn_linear(bare, False)
 
     @torch.no_grad()
     def run_tl(k: int) -> None:
         for x, mask, _ in batches:
-            _, cache = bridge.run_with_cache(x, attention_mask=mask)
+            _, cache = bridge.run_with_cache(x.to(dev), attention_mask=mask.to(dev))
             del cache
 
-    @torch.no_grad()
-    def run_hf_body(k: int) -> None:
-        for x, mask, pos in batches:
-            bare.model(input_ids=x, attention_mask=mask, position_ids=pos)
-
-    sides = {"capture": run_capture, "capture_bridge": run_capture_bridge, "hf": run_hf, "hf_body": run_hf_body}
+    sides = {"capture": run_capture, "capture_bridge": run_capture_bridge,
+             "hf": lambda k: run_bare(False, False), "hf_body": lambda k: run_bare(True, False)}
+    if same_differs:
+        sides["hf_same"] = lambda k: run_bare(False, True)
+        sides["hf_body_same"] = lambda k: run_bare(True, True)
     if not args.no_tl:
         sides["tl_cache"] = run_tl
+    cuda = dev.type == "cuda"
     times: dict[str, list[float]] = {s: [] for s in sides}
+    gpu_peak: dict[str, float] = {s: 0.0 for s in sides}  # MB above what was allocated before the side
     profile = None
     try:
         for rep in range(args.reps + 1):  # rep 0 warms up (allocator, kernels, page cache)
             for side, fn in sides.items():
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    before = torch.cuda.memory_allocated(dev)
                 t0 = time.perf_counter()
                 fn(rep)
+                if cuda:
+                    torch.cuda.synchronize(dev)  # the GPU's work, not only its launch
                 dt = time.perf_counter() - t0
                 if rep:
                     times[side].append(dt)
+                    if cuda:
+                        peak = (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+                        gpu_peak[side] = max(gpu_peak[side], peak)
                 shutil.rmtree(work / f"s{rep}", ignore_errors=True)
                 shutil.rmtree(work / f"b{rep}", ignore_errors=True)
         if args.profile:
             profile = _profile(lambda: run_capture(-1), args.profile_top)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"n_tokens": n_tokens, "n_batches": len(batches), "n_layers": m.n_layers, "d_model": m.d_model,
-            "times": times, "profile": profile}
+    out = {"n_tokens": n_tokens, "n_batches": len(batches), "n_layers": m.n_layers, "d_model": m.d_model,
+           "times": times, "profile": profile, "same_kernels_differ": same_differs, "onednn_linears": n_onednn}
+    if cuda:
+        out["gpu_peak_mb"] = gpu_peak
+        out["gpu_weights_mb"] = torch.cuda.memory_allocated(dev) / 2**20
+        out["gpu_name"] = torch.cuda.get_device_name(dev)
+    return out
 
 
 def _profile(fn, top: int) -> str:
@@ -192,7 +231,7 @@ def rss_side(args) -> None:
     from irm.models import load_model
 
     torch.set_num_threads(args.threads)
-    m = load_model(args.model)
+    m = load_model(args.model, device=args.device, dtype=args.dtype)
     # 4x is the 1x texts 4 times over: identical shards, so a peak that grows is memory that
     # accumulates with the data, not a longer text landing in some shard.
     records = records_from_texts(make_texts(args.n_texts, args.join) * args.repeat)
@@ -217,7 +256,8 @@ def rss(args, factor: int) -> dict:
                "--model", args.model, "--n-texts", str(args.rss_texts), "--repeat", str(factor),
                "--join", str(args.join),
                "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
-               "--max-length", str(args.max_length), "--threads", str(args.threads)]
+               "--max-length", str(args.max_length), "--threads", str(args.threads),
+               "--device", args.device, "--dtype", args.dtype]
         p = subprocess.run(cmd, check=True, capture_output=True, text=True)
         return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -233,6 +273,10 @@ def main() -> None:
                         help="texts per shard (the unit of memory: keep it below --rss-texts)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per side (after 1 warm-up)")
+    parser.add_argument("--device", default="cpu", help="torch device of both copies, e.g. cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype of both copies (and of what the hooks see)")
+    parser.add_argument("--json", help="also write the medians, rates and ratios to this JSON file")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: small models on a shared 2-core box run fastest)")
     parser.add_argument("--rss-texts", type=int, default=64, help="texts of the 1x peak-RSS run (4x: 4 times)")
@@ -250,28 +294,59 @@ def main() -> None:
 
     import torch
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device.")
     torch.set_num_threads(args.threads)
     res = throughput(args)
     med = {s: statistics.median(t) for s, t in res["times"].items()}
     tps = {s: res["n_tokens"] / t for s, t in med.items()}
+    if not res["same_kernels_differ"]:  # the capture's linears are the default ones here
+        tps["hf_same"], tps["hf_body_same"] = tps["hf"], tps["hf_body"]
     print(f"model={args.model} layers={res['n_layers']} d_model={res['d_model']} texts={args.n_texts} "
           f"join={args.join} tokens={res['n_tokens']} batches={res['n_batches']} batch_size={args.batch_size} "
-          f"threads={args.threads} reps={args.reps} cpus={os.cpu_count()}")
+          f"threads={args.threads} reps={args.reps} cpus={os.cpu_count()} device={args.device} "
+          f"dtype={args.dtype} torch={torch.__version__}" + (f" gpu={res['gpu_name']}" if "gpu_name" in res else ""))
+    kernels = ("the capture model's Linear modules are oneDNN (irm.models.OneDNNLinear): hf_same/hf_body_same "
+               "run the bare copy with them too" if res["same_kernels_differ"] else
+               f"the capture runs torch's default Linear kernels here ({res['onednn_linears']} OneDNNLinear "
+               "modules, which fall back to F.linear off a float32 CPU): same-kernel ratios = default ones")
+    print(f"kernels: {kernels}")
     names = {"capture": "irm capture (all resid_post)", "capture_bridge": "irm capture, bridge hooks",
-             "hf": "bare HF forward",
-             "hf_body": "bare HF body (no unembedding)", "tl_cache": "TL run_with_cache (no filter)"}
-    print(f"{'':32s}{'median s':>10s}{'min s':>9s}{'max s':>9s}{'tokens/s':>11s}")
+             "hf": "bare HF forward", "hf_body": "bare HF body (no unembedding)",
+             "hf_same": "bare HF forward, capture kernels", "hf_body_same": "bare HF body, capture kernels",
+             "tl_cache": "TL run_with_cache (no filter)"}
+    gpu = res.get("gpu_peak_mb")
+    print(f"{'':34s}{'median s':>10s}{'min s':>9s}{'max s':>9s}{'tokens/s':>11s}"
+          + (f"{'GPU peak MB':>13s}" if gpu else ""))
     for s, t in res["times"].items():
-        print(f"{names[s]:32s}{med[s]:10.3f}{min(t):9.3f}{max(t):9.3f}{tps[s]:11.0f}")
-    ratio_hf = tps["capture"] / tps["hf"]
-    verdict = "OK" if ratio_hf >= TARGET_VS_HF else "BELOW TARGET"
-    print(f"capture / bare HF forward:        {ratio_hf:.2f}x  (target >= {TARGET_VS_HF}x: {verdict})")
-    print(f"capture / bare HF body:           {tps['capture'] / tps['hf_body']:.2f}x  "
-          "(the pure cost of hooks, gathering and writing the store)")
-    print(f"native hooks / bridge hooks:      {tps['capture'] / tps['capture_bridge']:.2f}x  "
-          "(capture with HF forward hooks vs the bridge's hook points)")
+        print(f"{names[s]:34s}{med[s]:10.3f}{min(t):9.3f}{max(t):9.3f}{tps[s]:11.0f}"
+              + (f"{gpu[s]:13.0f}" if gpu else ""))
+    if gpu:
+        print(f"(GPU peak MB: the side's peak above the {res['gpu_weights_mb']:.0f} MB held before it)")
+    ratios = {
+        "capture/hf": tps["capture"] / tps["hf"],
+        "capture/hf_same": tps["capture"] / tps["hf_same"],
+        "capture/hf_body": tps["capture"] / tps["hf_body"],
+        "capture/hf_body_same": tps["capture"] / tps["hf_body_same"],
+        "native/bridge": tps["capture"] / tps["capture_bridge"],
+    }
     if "tl_cache" in tps:
-        print(f"capture / TL run_with_cache:      {tps['capture'] / tps['tl_cache']:.2f}x")
+        ratios["capture/tl_cache"] = tps["capture"] / tps["tl_cache"]
+    verdict = "OK" if ratios["capture/hf"] >= TARGET_VS_HF else "BELOW TARGET"
+    print(f"capture / bare HF forward, default kernels: {ratios['capture/hf']:.2f}x  "
+          f"(target >= {TARGET_VS_HF}x: {verdict})")
+    print(f"capture / bare HF forward, capture kernels: {ratios['capture/hf_same']:.2f}x  "
+          "(the same products: the capture's own cost, and what it skips)")
+    print(f"capture / bare HF body, default kernels:    {ratios['capture/hf_body']:.2f}x")
+    print(f"capture / bare HF body, capture kernels:    {ratios['capture/hf_body_same']:.2f}x  "
+          "(the pure cost of hooks, gathering and writing the store)")
+    print(f"native hooks / bridge hooks:                {ratios['native/bridge']:.2f}x  "
+          "(capture with HF forward hooks vs the bridge's hook points)")
+    if "capture/tl_cache" in ratios:
+        print(f"capture / TL run_with_cache:                {ratios['capture/tl_cache']:.2f}x")
+    summary = {"args": vars(args), "torch": torch.__version__, "tokens": res["n_tokens"],
+               "same_kernels_differ": res["same_kernels_differ"], "median_s": med, "tokens_per_s": tps,
+               "ratios": ratios, "gpu_peak_mb": gpu, "gpu_name": res.get("gpu_name")}
 
     if not args.no_rss:
         one, four = rss(args, 1), rss(args, 4)
@@ -286,6 +361,9 @@ def main() -> None:
               f"({100 * growth / more:+.1f}% of it; flat if ~0)")
         if not (one["peak_reset"] and four["peak_reset"]):
             print("note: could not reset peak RSS; peaks include model loading and the warm-up")
+        summary["peak_rss"] = {"1x": one, "4x": four}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
     if res["profile"]:
         print("\n" + res["profile"])
 
