@@ -1,6 +1,7 @@
 """A loopback OpenAI-compatible server (stdlib only) for the tests: serves any :class:`LLMClient` with
 injectable faults (HTTP 500/429/400, malformed bodies or replies), so :class:`OpenAICompatibleLLM`
-is tested over real HTTP. Not part of the installed package."""
+is tested over real HTTP; it answers ``logprobs``/``top_logprobs`` for a local chat model (as vLLM does)
+unless told not to (as ``transformers serve`` does not). Not part of the installed package."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class OpenAICompatibleServer:
     """
 
     def __init__(self, client: LLMClient, *, model_name: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 max_requests: int = 1000, lifetime_s: float = 600.0, max_body_bytes: int = 1 << 20) -> None:
+                 max_requests: int = 1000, lifetime_s: float = 600.0, max_body_bytes: int = 1 << 20,
+                 logprobs: bool = True) -> None:
         if host not in _LOOPBACK:
             raise ValueError(f"host must be a loopback address {_LOOPBACK}, got {host!r}; this server has no auth.")
         if max_requests < 1 or lifetime_s <= 0:
@@ -62,6 +64,8 @@ class OpenAICompatibleServer:
         self.max_requests = int(max_requests)
         self.lifetime_s = float(lifetime_s)
         self.max_body_bytes = int(max_body_bytes)
+        # Token log-probabilities need the model itself (a LocalChatLLM: ``render`` and ``model``).
+        self.logprobs = bool(logprobs) and hasattr(client, "render") and hasattr(client, "model")
         self.requests: list[dict[str, Any]] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -114,6 +118,26 @@ class OpenAICompatibleServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    def first_token_logprobs(self, messages: list[dict[str, str]], k: int) -> dict[str, Any]:
+        """The ``logprobs`` object of an OpenAI chat completion for the reply's first (greedy) token, with
+        its ``k`` most likely alternatives, from one forward pass of the served local model."""
+        import torch
+
+        model = self.client.model
+        tok = model.tokenizer
+        ids = tok(self.client.render(messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model.hf_model(input_ids=ids.to(model.device)).logits[0, -1].float()
+        lp = torch.log_softmax(logits, -1).cpu()
+        vals, idx = lp.topk(max(k, 1))
+
+        def entry(i: int, v: float) -> dict[str, Any]:
+            return {"token": tok.decode([i]), "logprob": float(v), "bytes": None}
+
+        first = entry(int(idx[0]), float(vals[0]))
+        return {"content": [first | {"top_logprobs": [entry(int(i), float(v)) for i, v in
+                                                      zip(idx[:k].tolist(), vals[:k].tolist(), strict=True)]}]}
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -183,11 +207,14 @@ class OpenAICompatibleServer:
                 except Exception as e:  # the model failed: a 500, as a real server would answer
                     self._error(500, f"{type(e).__name__}: {e}")
                     return
+                logprobs = None
+                if req.get("logprobs") and server.logprobs:
+                    logprobs = server.first_token_logprobs(messages, int(req.get("top_logprobs") or 0))
                 body = {
                     "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion", "created": int(time.time()),
                     "model": server.model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
+                                 "logprobs": logprobs, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
                 }
                 self._send(200, json.dumps(body).encode())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -354,6 +355,188 @@ def test_calibrated_labels_remove_the_llms_bias_and_keep_the_written_ones():
         explain_and_classify(llm, plain, "sentiment", plog=ParseLog(), mode="vote")
 
 
+# ----------------------------------------------------------------------------------------------
+# Scored explanations (detection and fuzzing)
+def _word_table(texts: list[str]) -> TokenTable:
+    """A TokenTable of whitespace words (one token per word, a BOS-like special token first)."""
+    ids, offs = [], []
+    for t in texts:
+        spans = [(0, 0)] + [(m.start(), m.end()) for m in re.finditer(r"\S+", t)]
+        offs.append(np.asarray(spans, dtype=np.int64))
+        ids.append(np.arange(len(spans), dtype=np.int64))
+    return TokenTable(list(texts), ids, offs, np.concatenate([[0], np.cumsum([len(x) for x in ids])]))
+
+
+def _planted_feature(n_texts: int = 60, word: str = "zebra", seed: int = 0):
+    """Texts of random filler words, a third with ``word`` planted; a feature that fires exactly on ``word``
+    with a strength that varies across texts (so every activation bin has texts)."""
+    rng = np.random.default_rng(seed)
+    filler = ["the", "a", "film", "was", "long", "story", "then", "after", "of", "and", "city", "night"]
+    texts, acts = [], []
+    for i in range(n_texts):
+        words = list(rng.choice(filler, size=10))
+        if i % 3 == 0:
+            words[int(rng.integers(2, 9))] = word
+        texts.append(" ".join(words))
+        acts += [0.0] + [float(0.5 + i / n_texts) if w == word else 0.0 for w in words]
+    table = _word_table(texts)
+    acts = np.asarray(acts)
+    eligible = np.ones(len(acts), bool)
+    eligible[table.starts[:-1]] = False  # the special token
+    return table, acts, eligible
+
+
+class JudgeLLM:
+    """A rule-based judge that reads the explanation ('The word "x".') and the text from the prompt and
+    answers as a perfect judge would (``clueless``: by a hash of the prompt, ignoring the explanation).
+    ``logprobs`` exposes token log-probabilities (log-odds +-3 of its answer)."""
+
+    def __init__(self, *, clueless: bool = False, logprobs: bool = False) -> None:
+        self.name = f"judge-{'clueless' if clueless else 'perfect'}"
+        self.clueless, self.prompts = clueless, []
+        if logprobs:
+            self.choice_logprobs = self._choice_logprobs
+
+    def answer(self, messages) -> int:
+        content = messages[-1]["content"]
+        self.prompts.append(content)
+        if self.clueless:
+            return int(hashlib.sha256(content.encode()).digest()[0] % 2)
+        m = re.search(r'Explanation: "The word \W*(\w+)', content)
+        if m is None:
+            return 0
+        word, text = m.group(1), content.split("Text: ", 1)[1]
+        if "marked words" in content:
+            marked = re.findall(r"<<(.+?)>>", text)
+            return int(bool(marked) and all(x.strip(".,") == word for x in marked))
+        return int(word in re.findall(r"\w+", text))
+
+    def complete(self, messages, *, max_tokens=256, temperature=0.0, seed=0) -> str:
+        return str(self.answer(messages))
+
+    def _choice_logprobs(self, batch, choices):
+        assert list(choices) == ["1", "0"]
+        out = []
+        for messages in batch:
+            o = 3.0 if self.answer(messages) else -3.0
+            out.append([-np.logaddexp(0, -o), -np.logaddexp(0, o)])
+        return np.array(out)
+
+
+def test_scoring_snippets_are_held_out_balanced_and_span_the_quantiles():
+    from irm.features.scoring import scoring_snippets
+
+    table, acts, eligible = _planted_feature()
+    top = [57, 54, 51]  # the texts an explanation would have been written from
+    sets = scoring_snippets(table, acts, eligible=eligible, exclude_texts=top, n=8, n_quantiles=4, seed=0,
+                            key="f")
+    assert sets.n_active_texts == 20 - 3 and sets.n_inactive_texts == 40
+    det, fz = sets.detection, sets.fuzzing
+    assert sum(s.label for s in det) == 8 and len(det) == 16  # balanced
+    assert not {s.text for s in det + fz} & set(top)  # held out
+    assert all("<<" not in s.snippet for s in det)
+    assert all(("zebra" in s.snippet) == bool(s.label) for s in det)
+    assert sorted({s.bin for s in det if s.label}) == [0, 1, 2, 3]  # weak activations are scored too
+    assert len(fz) == 16 and all(("<<zebra>>" in s.snippet) == bool(s.label) for s in fz)
+    assert all(s.snippet.count("<<") == 1 for s in fz)  # the fuzzed ones mark as many tokens
+    again = scoring_snippets(table, acts, eligible=eligible, exclude_texts=top, n=8, n_quantiles=4, seed=0, key="f")
+    assert [s.snippet for s in again.detection] == [s.snippet for s in det]  # deterministic
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_scoring_tells_a_right_explanation_from_a_wrong_one(logprobs, tmp_path):
+    from irm.features.scoring import score_explanations, scoring_snippets
+    from irm.llm import CachedLLM
+
+    table, acts, eligible = _planted_feature(n_texts=90)
+    sets = scoring_snippets(table, acts, eligible=eligible, exclude_texts=[0, 3], n=12, n_quantiles=3, seed=0,
+                            key="f")
+    items = [("right", 'The word "zebra".', sets), ("wrong", 'The word "violin".', sets)]
+    judge = JudgeLLM(logprobs=logprobs)
+    llm = CachedLLM(judge, tmp_path / "cache")
+    res = score_explanations(llm, items, plog=ParseLog(), n_boot=300)
+    assert res["mode"] == ("logprobs" if logprobs else "generate")
+    right, wrong = res["features"]["right"], res["features"]["wrong"]
+    for m in ("detection", "fuzzing"):
+        assert right[m]["balanced_accuracy"]["value"] == 1.0 and right[m]["auroc"]["value"] == 1.0
+        assert right[m]["balanced_accuracy"]["low"] > 0.7
+        assert wrong[m]["balanced_accuracy"]["value"] == 0.5 and wrong[m]["auroc"]["value"] == 0.5
+        assert wrong[m]["balanced_accuracy"]["low"] < 0.5 < wrong[m]["balanced_accuracy"]["high"]
+    assert right["above_chance"] is True and wrong["above_chance"] is False
+    assert set(right["detection"]["recall_by_bin"]) == {"0", "1", "2"}
+    assert res["n_above_chance"] == 1 and res["n_scored"] == 2
+    # Replies go through the cache: a rerun asks the judge nothing.
+    n = len(judge.prompts)
+    again = score_explanations(llm, items, plog=ParseLog(), n_boot=300)
+    assert len(judge.prompts) == n and again["features"]["right"] == right
+
+    # A clueless judge (answers ignore the explanation) is near chance even with the right explanation,
+    # and the verdict says so plainly.
+    clueless = score_explanations(JudgeLLM(clueless=True, logprobs=logprobs), items[:1], plog=ParseLog(),
+                                  n_boot=300)
+    ba = clueless["features"]["right"]["detection"]["balanced_accuracy"]
+    assert ba["low"] < 0.5 and clueless["features"]["right"]["above_chance"] is False
+    assert "NO BETTER THAN CHANCE" in clueless["verdict"]
+
+
+def test_scoring_modes_and_unparsable_replies():
+    from irm.features.scoring import auroc, method_metrics, score_explanations, scoring_snippets
+
+    table, acts, eligible = _planted_feature()
+    sets = scoring_snippets(table, acts, eligible=eligible, n=4, seed=0, key="f")
+    with pytest.raises(Exception, match="log-probabilities"):
+        score_explanations(JudgeLLM(), [("f", 'The word "zebra".', sets)], plog=ParseLog(), mode="logprobs")
+    res = score_explanations(JudgeLLM(), [("f", 'The word "zebra".', sets)], plog=ParseLog(), mode="auto",
+                             methods=["detection"])
+    assert res["mode"] == "generate" and "log-probabilities" in res["logprobs_unavailable"]
+
+    class Mumbler(JudgeLLM):
+        def complete(self, messages, **kw):
+            return "It depends."
+
+    plog = ParseLog()
+    res = score_explanations(Mumbler(), [("f", 'The word "zebra".', sets)], plog=plog, methods=["detection"])
+    det = res["features"]["f"]["detection"]
+    # An unparsable reply is a wrong prediction, never a default label; AUROC sees no information (0.5).
+    assert det["n_unparsed"] == 8 and det["balanced_accuracy"]["value"] == 0.0 and det["auroc"]["value"] == 0.5
+    assert plog.counts["label01"]["failed"] == 8
+    assert auroc(np.array([1, 1, 0, 0]), np.array([0.9, 0.2, 0.5, 0.1])) == pytest.approx(0.75)
+    m = method_metrics([1, 0, 1, 0], [True, True, True, False], [1, 0, 1, 1])
+    assert m["balanced_accuracy"]["value"] == pytest.approx(0.75) and m["tnr"] == 0.5
+    with pytest.raises(ValueError, match="mode must be"):
+        score_explanations(JudgeLLM(), [], plog=ParseLog(), mode="vote")
+
+
+@pytest.mark.slow
+def test_scoring_with_the_real_smollm2(smollm2, tmp_path):
+    """The scorer's plumbing with a real model: SmolLM2 answers every prompt, its log-odds are read
+    (mode 'logprobs'), and the metrics come out in range. Its judgement is not asserted: a 135M model is
+    a weak judge, which is what the scores are there to show."""
+    from irm.features.scoring import score_explanations, scoring_snippets
+    from irm.llm import CachedLLM, LocalChatLLM
+
+    table, acts, eligible = _planted_feature(n_texts=45)
+    sets = scoring_snippets(table, acts, eligible=eligible, exclude_texts=[0, 3, 6], n=4, seed=0, key="f")
+    items = [("right", 'The word "zebra".', sets), ("wrong", 'The word "violin".', sets)]
+    llm = CachedLLM(LocalChatLLM(smollm2), tmp_path)
+    res = score_explanations(llm, items, plog=ParseLog(), methods=["detection", "fuzzing"], n_boot=200)
+    assert res["mode"] == "logprobs" and set(res["content_free_log_odds"]) == {"detection", "fuzzing"}
+    for key in ("right", "wrong"):
+        for m in ("detection", "fuzzing"):
+            r = res["features"][key][m]
+            assert r["n_pos"] == r["n_neg"] == 4
+            assert all(np.isfinite(sn["score"]) for sn in r["snippets"])
+            assert 0 <= r["balanced_accuracy"]["low"] <= r["balanced_accuracy"]["value"] <= 1
+            assert 0 <= r["auroc"]["value"] <= 1 and "written_balanced_accuracy" in r
+    print("\nSmolLM2 as judge:", {k: {m: (v[m]["balanced_accuracy"]["value"], v[m]["auroc"]["value"],
+                                          v[m]["written_balanced_accuracy"]["value"]) for m in ("detection", "fuzzing")}
+                                   for k, v in res["features"].items()}, res["verdict"])
+    misses = llm.stats.misses
+    assert score_explanations(llm, items, plog=ParseLog(), methods=["detection", "fuzzing"], n_boot=200)[
+        "features"]["right"]["detection"]["snippets"] == res["features"]["right"]["detection"]["snippets"]
+    assert llm.stats.misses == misses  # the rerun is read from the reply cache
+
+
 def test_parse_classification_forms():
     assert parse_classification("Yes | praise")[0].value == 1
     assert parse_classification("0\nAttribute: dates")[1] == "dates"
@@ -423,6 +606,11 @@ def test_features_config_nested_tables():
         config_from_dict({"features": {"sae": {"architecure": "topk"}}})
     with pytest.raises(ConfigError, match="texts"):
         config_from_dict({"features": {"texts": ["prompts", "tweets"]}})
+    assert fc.score_explanations and fc.score_methods == ["detection"] and fc.n_score_snippets == 4
+    with pytest.raises(ConfigError, match="holds 'detection'"):
+        config_from_dict({"features": {"score_methods": ["fuzzing"]}})
+    with pytest.raises(ConfigError, match="score_mode"):
+        config_from_dict({"features": {"score_mode": "vote"}})
 
 
 def _label_llm_factory(model=None, **_):
@@ -434,6 +622,8 @@ def _label_llm_factory(model=None, **_):
 
         def complete(self, messages, *, max_tokens=256, temperature=0.0, seed=0):
             content = messages[-1]["content"]
+            if "Explanation:" in content:  # scoring an explanation: a clueless 1 or 0
+                return str(sum(map(ord, content)) % 2)
             if "Is this feature related" not in content:
                 return "Tokens of a certain kind."
             h = sum(map(ord, content)) % 3
@@ -504,25 +694,42 @@ def test_features_stage_end_to_end_on_a_tiny_pair(tmp_path, tiny_base, tiny_tune
     truth = [f["relevant"] for f in feats]
     assert gt["tp"] == sum(f["label"] == 1 and t for f, t in zip(feats, truth, strict=True))
     assert gt["n_unknown"] == sum(f["label"] is None or t is None for f, t in zip(feats, truth, strict=True))
+    # Scored explanations: every explained feature has detection scores on balanced held-out sets, and a
+    # clueless judge leaves the LLM no better than chance, which the results and the report say.
+    sc = sec["scoring"]
+    assert sc["mode"] == "generate" and "log-probabilities" in sc["logprobs_unavailable"]
+    assert sc["n_scored"] == sum(f["explanation"] is not None for f in feats) == 16
+    for f in feats:
+        det = f["scores"]["detection"]
+        assert det["n_pos"] == det["n_neg"] >= 1 and len(det["snippets"]) == det["n_pos"] + det["n_neg"]
+        assert f["explanation_above_chance"] == (det["balanced_accuracy"]["low"] > 0.5)
+    assert sc["n_prompts"] == sum(len(f["scores"]["detection"]["snippets"]) for f in feats)
+    assert sc["llm_above_chance"] is False and "NO BETTER THAN CHANCE" in sc["verdict"]
     for role in ("base", "tuned"):
+        labelled = [f for f in feats if f["role"] == role and f["label"] is not None]
+        if labelled and all(f["relevant"] is not None for f in labelled):  # against the lexicon ground truth
+            g = sec["alignment_ground_truth"][hook][role]["weight"]  # over every labelled feature
+            assert g["n"] == len(labelled) and g["n_flagged"] == sum(bool(f["relevant"]) for f in labelled)
         al = sec["alignment"][hook][role]["weight"]
-        assert al["n"] == sum(f["role"] == role and f["label"] is not None for f in feats)
+        trusted = [f for f in feats if f["role"] == role and f["label"] is not None and f["explanation_above_chance"]]
+        if not trusted:  # only labels of above-chance explanations are counted
+            assert "above chance" in al["note"]
+            continue
+        assert al["n"] == len(trusted)
         assert al.get("p_value") is None or 0 < al["p_value"] <= 1
         assert "by_score" in sec["activation_rate"][hook][role] or "note" in sec["activation_rate"][hook][role]
-        recs = [f for f in feats if f["role"] == role and f["label"] is not None]
-        if recs and all(f["relevant"] is not None for f in recs):  # the test against the lexicon ground truth
-            g = sec["alignment_ground_truth"][hook][role]["weight"]
-            assert g["n"] == len(recs) and g["n_flagged"] == sum(bool(f["relevant"]) for f in recs)
+
     assert sec["seconds"] > 0 and set(sec["timings"]) >= {"capture", "autointerp", "checks"}
     assert (ctx.run_path / "plots" / "features_mmcs.png").is_file()
     report = write_report(ctx.run_path).read_text()
     assert "## features" in report and "MMCS base vs tuned" in report and "could not render" not in report
+    assert "Scored explanations" in report and "NO BETTER THAN CHANCE" in report and "detection bal. acc." in report
 
 
 def test_features_stage_without_tuned_model_records_what_it_skipped(tmp_path, tiny_base):
     # The tiny model's context (256 tokens) has no room for the few-shot examples.
     cfg = _tiny_cfg(tmp_path, llm={"model": "tiny-llama", "max_tokens": 6, "cache": False}, n_features=3,
-                    texts=["prompts"], classify_few_shot=False)
+                    texts=["prompts"], classify_few_shot=False, score_few_shot=False, n_score_snippets=2)
     cfg.models.tuned = None
     ctx = _run_stages(cfg, tiny_base, None)
     sec = json.loads((ctx.run_path / "results.json").read_text())["features"]

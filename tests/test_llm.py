@@ -112,7 +112,7 @@ def test_two_batches_at_once_give_the_replies_of_one_batch_at_a_time(tiny_chat, 
     """With two or more torch threads on a CPU, batches of prompts (sorted by length) run two at once, one
     thread each: the replies, greedy and sampled, and the first step's log-probabilities are those of
     plain one-batch-at-a-time generation."""
-    from irm import threads
+    from irm.core import threads
 
     batch = [[{"role": "user", "content": f"message {i} " + "the movie was great " * (i % 4)}] for i in range(7)]
     llm = LocalChatLLM(tiny_chat.model, batch_size=3)
@@ -215,7 +215,8 @@ def test_transient_errors_are_retried_with_backoff_4xx_are_not(server, caplog):
     server.inject(Fault(status=500), Fault(status=429, retry_after=0.5), Fault(status=503))
     caplog.set_level(logging.DEBUG)
     assert llm.complete(MSG, max_tokens=4)
-    assert llm.stats == {"requests": 4, "retries": 3, "failures": 0}
+    assert {k: llm.stats[k] for k in ("requests", "retries", "failures")} == {"requests": 4, "retries": 3,
+                                                                              "failures": 0}
     assert slept == [0.01, 0.5, 0.04]  # exponential, a Retry-After raises the wait
     n = len(server.requests)
     server.inject(Fault(status=400))
@@ -253,6 +254,51 @@ def test_cached_openai_client_skips_the_server_on_reruns(server, tmp_path):
     assert len(server.requests) == n == 1  # the duplicate was asked once, the rerun not at all
     blob = "".join(p.read_text() for p in tmp_path.rglob("*.json"))
     assert KEY not in blob and server.base_url not in blob
+
+
+def test_token_logprobs_over_http_match_the_local_model_or_fail_clearly(server, tiny_chat, tiny_base, monkeypatch,
+                                                                       tmp_path):
+    """``choice_logprobs`` through the API's ``logprobs``/``top_logprobs`` equals the in-process numbers
+    for choices in the returned top tokens (an upper bound for the others, counted); a server that
+    returns none (like ``transformers serve``) gives one clear error, then no more requests, and the
+    calibrated labels fall back to the written ones."""
+    from irm.features import FeatureRecord, explain_and_classify
+    from irm.llm import choice_logprobs
+
+    batch = [MSG, [{"role": "user", "content": "Is the movie good? Answer 1 or 0."}]]
+    tok = tiny_base.tokenizer
+    llm = OpenAICompatibleLLM("tiny", backoff_s=0.0, top_logprobs=20)
+    req = server.first_token_logprobs(batch[0], 20)["content"][0]["top_logprobs"]
+    # Two of the likeliest first tokens that are choices as the local model reads them (one token each).
+    inside = [t["token"] for t in req if len(ids := tok(t["token"], add_special_tokens=False)["input_ids"]) == 1
+              and tok.decode(ids) == t["token"]][:2]
+    assert len(inside) == 2, req
+    got = llm.choice_logprobs(batch, inside)
+    want = choice_logprobs(tiny_chat, batch, inside)
+    assert np.allclose(got[0], want[0], atol=1e-4), (got, want)
+    assert server.requests[-1]["body"]["logprobs"] is True and server.requests[-1]["body"]["top_logprobs"] == 20
+    assert llm.stats["logprob_requests"] == 2
+    outside = llm.choice_logprobs(batch[:1], [inside[0], req[-1]["token"] + "zz"])
+    assert outside[0, 1] <= req[-1]["logprob"] + 1e-9 and llm.stats["choices_outside_top_logprobs"] == 1
+
+    # A server without token log-probabilities: a clear error, once.
+    plain = OpenAICompatibleServer(tiny_chat, model_name="tiny", max_requests=50, lifetime_s=120,
+                                   logprobs=False).start()
+    try:
+        monkeypatch.setenv("IRM_LLM_BASE_URL", plain.base_url)
+        no_lp = CachedLLM(OpenAICompatibleLLM("tiny", backoff_s=0.0), tmp_path)
+        with pytest.raises(LLMError, match="no token log-probabilities"):
+            choice_logprobs(no_lp, batch, ["1", "0"])
+        n = len(plain.requests)
+        with pytest.raises(LLMError, match="transformers serve"):
+            choice_logprobs(no_lp, batch, ["1", "0"])
+        assert len(plain.requests) == n  # known unavailable: no request
+        recs = [FeatureRecord("tuned", "h", 0, snippets=["the <<great>> film"])]
+        info = explain_and_classify(no_lp, recs, "sentiment", plog=ParseLog(), mode="auto", few_shot=False,
+                                    explain_tokens=4, classify_tokens=4)
+        assert info["mode"] == "generate" and "no token log-probabilities" in info["calibration_unavailable"]
+    finally:
+        plain.stop()
 
 
 def test_server_loop_is_bounded(tiny_chat, monkeypatch):

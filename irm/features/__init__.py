@@ -42,11 +42,14 @@ from irm.features.sae import (
     store_data_provider,
     train_sae,
 )
+from irm.features.scoring import ScoreSnippet, ScoringSets, score_explanations, scoring_snippets
 
 __all__ = [
     "DictionaryComparison",
     "FeatureRecord",
     "SAETrainConfig",
+    "ScoreSnippet",
+    "ScoringSets",
     "TokenTable",
     "TrainedSAE",
     "activation_change",
@@ -71,6 +74,8 @@ __all__ = [
     "precision_recall",
     "pretrained_sae_ids",
     "save_sae",
+    "score_explanations",
+    "scoring_snippets",
     "store_data_provider",
     "train_sae",
     "wilson_interval",

@@ -167,6 +167,8 @@ class FeatureRecord:
     attribute: str | None = None
     label_generated: int | None = None  # the label the LLM wrote (classify_mode 'calibrated' keeps both)
     label_score: float | None = None  # calibrated log-odds of "1" over "0" (classify_mode 'calibrated')
+    scores: dict[str, Any] | None = None  # the explanation's detection/fuzzing scores (irm.features.scoring)
+    explanation_above_chance: bool | None = None  # detection balanced accuracy's 95% lower bound > 0.5
     errors: list[str] = field(default_factory=list)
 
     @property

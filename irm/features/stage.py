@@ -12,8 +12,12 @@ against the features.
 4. **MMCS** base vs tuned per layer; features that appear, vanish, shift; activation change.
 5. **Autointerp** of ``n_features`` features per model and layer (half the most IRM-aligned, half
    random), precision/recall of the LLM's labels against the lexicon ground truth.
-6. **Checks**: share of the IRM weight on flagged features vs a permutation baseline; activation rate
-   of flagged features on texts the IRM scores high vs low.
+6. **Scored explanations** (:mod:`irm.features.scoring`, ``score_explanations``): from each explanation
+   alone the LLM predicts which held-out snippets make the feature fire (detection; fuzzing on request);
+   balanced accuracy and AUROC with 95% intervals per feature, and a plain verdict on the labelling LLM.
+7. **Checks**: share of the IRM weight on flagged features vs a permutation baseline; activation rate
+   of flagged features on texts the IRM scores high vs low. With scoring on, only labels of features
+   whose explanation scores above chance count.
 
 Everything goes to the ``features`` section of results.json (with ``skipped`` entries saying what
 could not be done and why), plots under ``plots/``, wandb tables and artifacts.
@@ -59,6 +63,8 @@ from irm.features.sae import (
     encode_rows,
     train_sae,
 )
+from irm.features.scoring import METHODS as SCORE_METHODS
+from irm.features.scoring import ScoringSets, score_explanations, scoring_snippets
 from irm.llm import LLMConfig
 from irm.run.config import ConfigError, register_section
 from irm.run.registry import RunContext, stage
@@ -133,6 +139,22 @@ class FeaturesConfig:
     classify_mode: str = _h("'calibrated': label = the LLM's log-odds of '1' over '0', minus those of a content-free "
                             "feature, > 0 (contextual calibration; needs token probabilities: local LLMs); "
                             "'generate': the label it writes; 'auto': calibrated where the LLM allows it.", "auto")
+    score_explanations: bool = _h("Score each explanation (detection: from the explanation alone, the LLM says which "
+                                  "held-out snippets make the feature fire; see irm.features.scoring). Only "
+                                  "features whose explanation scores above chance (detection balanced accuracy's "
+                                  "95% lower bound > 0.5) have their labels counted in the IRM checks.", True)
+    n_score_snippets: int = _h("Held-out activating snippets per feature and method (as many non-activating ones "
+                               "are added): 4 gives 8 prompts per feature and method.", 4)
+    score_quantiles: int = _h("Activating snippets are drawn evenly from this many equal-count bins of the "
+                              "held-out texts' peak activation (weak activations are scored too).", 4)
+    score_methods: list[str] = _h("'detection' (which snippets activate it) and/or 'fuzzing' (are the marked "
+                                  "tokens the active ones); detection decides the gate.",
+                                  factory=lambda: ["detection"])
+    score_mode: str = _h("'logprobs': predictions from the calibrated log-odds of '1' over '0' (needs token "
+                         "probabilities); 'generate': the written 1/0 answers; 'auto': log-odds where the LLM "
+                         "exposes them.", "auto")
+    score_few_shot: bool = _h("Show two worked examples before each scoring question (~120 prompt tokens, "
+                              "in the shared prefix).", True)
     relevance_top_k: int = _h("Ground truth: top-activating tokens whose words are looked up in the lexicon.", 20)
     relevance_threshold: float = _h("Ground truth: a feature is reward-relevant when at least this share of its "
                                     "top tokens carry lexicon utility.", 0.7)
@@ -156,10 +178,17 @@ class FeaturesConfig:
         if self.classify_mode not in ("auto", "calibrated", "generate"):
             raise ConfigError(f"[features] classify_mode must be 'auto', 'calibrated' or 'generate', got "
                               f"{self.classify_mode!r}.")
+        if self.score_mode not in ("auto", "logprobs", "generate"):
+            raise ConfigError(f"[features] score_mode must be 'auto', 'logprobs' or 'generate', got "
+                              f"{self.score_mode!r}.")
+        bad = [m for m in self.score_methods if m not in SCORE_METHODS]
+        if bad or "detection" not in self.score_methods:
+            raise ConfigError(f"[features] score_methods {self.score_methods} must be a subset of {SCORE_METHODS} "
+                              "that holds 'detection' (it decides which labels the IRM checks trust).")
         if self.irm_target not in IRM_TARGETS:
             raise ConfigError(f"[features] irm_target {self.irm_target!r} is not one of {IRM_TARGETS}.")
         for name in ("n_layers", "n_features", "n_snippets", "relevance_top_k", "n_perm", "batch_size",
-                     "classify_tokens"):
+                     "classify_tokens", "n_score_snippets", "score_quantiles"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"[features] {name} must be >= 1, got {getattr(self, name)}.")
         if self.n_word_texts < 0 or self.max_length < 2 or self.snippet_left < 0 or self.snippet_right < 0:
@@ -366,6 +395,7 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
 
     # SAEs, MMCS, IRM weights, feature selection, snippets -------------------------------------
     feature_recs: list[FeatureRecord] = []
+    score_sets: dict[str, ScoringSets] = {}
     per_hook: dict[str, dict[str, Any]] = {}
     target = _irm_target(irm_data, irm_results, cfg.irm_target) if irm_data is not None else None
     for hook in hooks:
@@ -428,8 +458,8 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
             picked = select_features(alive[r], cfg.n_features, weights=weights[r],
                                      aligned_fraction=cfg.aligned_fraction, seed=seed + roles.index(r))
             for j, how in picked:
-                snippets, _ = feature_snippets(table, acts[r], j, eligible=eligible, k=cfg.n_snippets,
-                                               left=cfg.snippet_left, right=cfg.snippet_right)
+                snippets, shown = feature_snippets(table, acts[r], j, eligible=eligible, k=cfg.n_snippets,
+                                                   left=cfg.snippet_left, right=cfg.snippet_right)
                 a_j = acts[r][:, j].numpy()
                 top = top_rows(a_j, text_of_row, eligible, cfg.relevance_top_k, one_per_text=False)
                 tt, pp = table.locate(top)
@@ -442,6 +472,11 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
                     rec.relevance = lexicon_relevance(words, utility)
                     rec.relevant = None if rec.relevance is None else rec.relevance >= cfg.relevance_threshold
                 feature_recs.append(rec)
+                if cfg.score_explanations:  # held out: never the texts the explanation is written from
+                    score_sets[rec.key] = scoring_snippets(
+                        table, a_j, eligible=eligible, exclude_texts=table.locate(shown)[0], n=cfg.n_score_snippets,
+                        n_quantiles=cfg.score_quantiles, left=cfg.snippet_left, right=cfg.snippet_right, seed=seed,
+                        key=rec.key)
         per_hook.setdefault(hook, {}).update(acts=acts, saes=saes, ws=ws)
 
     # Autointerp -------------------------------------------------------------------------------
@@ -454,6 +489,8 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
                                     temperature=cfg.llm.temperature, seed=cfg.llm.seed,
                                     few_shot=cfg.classify_few_shot, mode=cfg.classify_mode)
     timings["autointerp"] = time.perf_counter() - t
+    if classify.get("calibration_unavailable"):
+        log.warning("features: labels are the ones the LLM wrote: %s", classify["calibration_unavailable"])
     section["autointerp"] = {
         "llm": llm.name, "n_features": len(feature_recs), "reward_description": cfg.reward_description,
         "classify": classify, "n_flagged_generated": sum(r.label_generated == 1 for r in feature_recs),
@@ -461,6 +498,28 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
         "n_flagged": sum(r.label == 1 for r in feature_recs), "parse": plog.to_dict(),
         "cache": llm.stats.to_dict() if hasattr(llm, "stats") and hasattr(llm.stats, "to_dict") else None,
     }
+    if cfg.score_explanations:
+        t = time.perf_counter()
+        n_before = _cache_misses(llm)
+        scoring = score_explanations(llm, [(r.key, r.explanation, score_sets[r.key]) for r in feature_recs
+                                           if r.explanation], plog=(splog := ParseLog()), methods=cfg.score_methods,
+                                     mode=cfg.score_mode, few_shot=cfg.score_few_shot, seed=cfg.llm.seed)
+        for r in feature_recs:
+            got = scoring["features"].get(r.key)
+            r.scores = got
+            r.explanation_above_chance = None if got is None else got["above_chance"]
+        timings["scoring"] = time.perf_counter() - t
+        section["scoring"] = {k: v for k, v in scoring.items() if k != "features"} | {
+            "n_score_snippets": cfg.n_score_snippets, "score_quantiles": cfg.score_quantiles,
+            "parse": splog.to_dict(), "seconds": timings["scoring"], "cache_misses": _cache_misses(llm) - n_before if n_before is not None else None}
+        section["autointerp"]["n_trusted"] = sum(bool(r.explanation_above_chance) and r.label is not None
+                                                 for r in feature_recs)
+        log.info("features: %s", scoring["verdict"])
+        if scoring.get("logprobs_unavailable"):
+            log.warning("features: explanation scores use the written answers: %s", scoring["logprobs_unavailable"])
+    else:
+        section["scoring"] = {"skipped": "score_explanations = false: every parsed label counts in the IRM checks, "
+                                         "whether or not its explanation predicts where the feature fires"}
     if utility is not None:
         rel = [r.relevance for r in feature_recs if r.relevance is not None]
         all_words = [table.word_at(int(a), int(b)) for a, b in zip(*table.locate(np.flatnonzero(eligible)), strict=True)]
@@ -475,6 +534,10 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
                                                [r.relevant for r in feature_recs if r.role == role])
                         for role in roles},
         }
+        if cfg.score_explanations:  # the labels the IRM checks use: those of above-chance explanations
+            trusted = [r for r in feature_recs if r.explanation_above_chance]
+            section["ground_truth"]["trusted"] = precision_recall([r.label for r in trusted],
+                                                                  [r.relevant for r in trusted])
         if classify["mode"] == "calibrated":  # how the written labels would have done, for comparison
             section["ground_truth"]["generated_labels"] = precision_recall(
                 [r.label_generated for r in feature_recs], [r.relevant for r in feature_recs])
@@ -489,9 +552,32 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
     for hook in hooks:
         ph = per_hook[hook]
         for r in roles:
-            recs = [x for x in feature_recs if x.hook == hook and x.role == r and x.label is not None]
+            labelled = [x for x in feature_recs if x.hook == hook and x.role == r and x.label is not None]
+            # With scored explanations, a label counts only where its explanation beats chance.
+            recs = [x for x in labelled if not cfg.score_explanations or x.explanation_above_chance]
+            if r in ph["ws"] and labelled:
+                # The alignment test with the lexicon ground truth in place of the LLM's labels (over every
+                # labelled feature, whatever the scores): does the IRM direction load on features that
+                # really are about reward words, whatever the LLM said?
+                truth = [x.relevant for x in labelled]
+                if all(t is not None for t in truth):
+                    lids = torch.as_tensor([x.feature for x in labelled])
+                    lattr = feature_attributions(ph["acts"][r][torch.from_numpy(eligible)][:, lids],
+                                                 effective_decoder(ph["saes"][r].sae)[lids], ph["ws"][r])
+                    gt_al = alignment_test(np.abs([x.irm_weight for x in labelled]), np.array(truth, bool),
+                                           n_perm=cfg.n_perm, seed=seed)
+                    gt_al.pop("_null", None)
+                    gt_attr = alignment_test(lattr, np.array(truth, bool), n_perm=cfg.n_perm, seed=seed)
+                    gt_attr.pop("_null", None)
+                    section.setdefault("alignment_ground_truth", {}).setdefault(hook, {})[r] = {
+                        "weight": gt_al, "attribution": gt_attr}
             if not recs:
-                note = {"note": "no interpreted feature got a parsed label from the LLM (see autointerp.parse)"}
+                if labelled:
+                    note = {"note": f"none of the {len(labelled)} labelled features' explanations scored above "
+                                    "chance (detection balanced accuracy's 95% lower bound > 0.5): the LLM's "
+                                    "labels are not trusted and the check is not run"}
+                else:
+                    note = {"note": "no interpreted feature got a parsed label from the LLM (see autointerp.parse)"}
                 if r in ph["ws"]:
                     section["alignment"].setdefault(hook, {})[r] = {"weight": note, "attribution": note}
                 if scores is not None:
@@ -509,18 +595,8 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
                                             effective_decoder(ph["saes"][r].sae)[torch.as_tensor(ids)], w)
                 al_attr = alignment_test(attr, flagged, n_perm=cfg.n_perm, seed=seed)
                 al_attr.pop("_null", None)
-                section["alignment"].setdefault(hook, {})[r] = {"weight": al, "attribution": al_attr}
-                # The same test with the lexicon ground truth in place of the LLM's labels: does the IRM
-                # direction load on features that really are about reward words, whatever the LLM said?
-                truth = [x.relevant for x in recs]
-                if all(t is not None for t in truth):
-                    gt_al = alignment_test(np.abs([x.irm_weight for x in recs]), np.array(truth, bool),
-                                           n_perm=cfg.n_perm, seed=seed)
-                    gt_al.pop("_null", None)
-                    gt_attr = alignment_test(attr, np.array(truth, bool), n_perm=cfg.n_perm, seed=seed)
-                    gt_attr.pop("_null", None)
-                    section.setdefault("alignment_ground_truth", {}).setdefault(hook, {})[r] = {
-                        "weight": gt_al, "attribution": gt_attr}
+                section["alignment"].setdefault(hook, {})[r] = {"weight": al, "attribution": al_attr,
+                                                                "n_untrusted_excluded": len(labelled) - len(recs)}
             if scores is not None:
                 active = (ph["acts"][r][:, torch.as_tensor(ids)] > 0)[torch.from_numpy(eligible)]
                 section["activation_rate"].setdefault(hook, {})[r] = activation_rate_check(
@@ -537,6 +613,11 @@ def run_features(ctx: RunContext, cfg: FeaturesConfig) -> dict[str, Any]:
              sum(len(v) for v in section["saes"].values()), len(feature_recs),
              section["autointerp"]["n_labelled"], section["seconds"])
     return section
+
+
+def _cache_misses(llm: Any) -> int | None:
+    stats = getattr(llm, "stats", None)
+    return int(stats.misses) if stats is not None and hasattr(stats, "misses") else None
 
 
 def _irm_target(data, results, kind: str) -> tuple[np.ndarray, str]:
@@ -562,13 +643,38 @@ def _track(ctx: RunContext, section: dict[str, Any], recs: list[FeatureRecord]) 
         for k in ("precision", "recall"):
             if gt[k]["value"] is not None:
                 summary[f"features/llm_{k}"] = gt[k]["value"]
+    sc = section.get("scoring", {})
+    if sc.get("overall"):
+        for m, v in sc["overall"].items():
+            if v["balanced_accuracy"]["value"] is not None:
+                summary[f"features/{m}_balanced_accuracy"] = v["balanced_accuracy"]["value"]
+                summary[f"features/{m}_balanced_accuracy_low"] = v["balanced_accuracy"]["low"]
+            if v["auroc"]["value"] is not None:
+                summary[f"features/{m}_auroc"] = v["auroc"]["value"]
+        summary["features/n_explanations_above_chance"] = sc["n_above_chance"]
+        summary["features/llm_above_chance"] = float(bool(sc["llm_above_chance"]))
+        rows = []
+        for r in recs:
+            if not r.scores:
+                continue
+            row = [r.role, r.hook, r.feature, r.explanation]
+            for m in sc["methods"]:
+                ba, au = r.scores[m]["balanced_accuracy"], r.scores[m]["auroc"]
+                row += [ba["value"], ba["low"], ba["high"], au["value"], au["low"], au["high"]]
+            rows.append(row + [r.explanation_above_chance, r.label, sc["verdict"]])
+        cols = ["role", "hook", "feature", "explanation"]
+        for m in sc["methods"]:
+            cols += [f"{m}_bal_acc", f"{m}_bal_acc_low", f"{m}_bal_acc_high", f"{m}_auroc", f"{m}_auroc_low",
+                     f"{m}_auroc_high"]
+        ctx.tracker.log_table("features/explanation_scores", cols + ["above_chance", "label", "llm_verdict"], rows)
     ctx.tracker.summary(summary)
     ctx.tracker.log_table(
         "features/autointerp",
         ["role", "hook", "feature", "selection", "irm_weight", "firing_rate", "relevance", "relevant", "explanation",
-         "label", "label_score", "label_generated", "attribute", "top_snippets", "errors"],
+         "label", "label_score", "label_generated", "attribute", "explanation_above_chance", "top_snippets", "errors"],
         [[r.role, r.hook, r.feature, r.selection, r.irm_weight, r.firing_rate, r.relevance, r.relevant, r.explanation,
-          r.label, r.label_score, r.label_generated, r.attribute, "\n".join(r.snippets), "; ".join(r.errors)]
+          r.label, r.label_score, r.label_generated, r.attribute, r.explanation_above_chance, "\n".join(r.snippets),
+          "; ".join(r.errors)]
          for r in recs])
     rows = [[hook, r, m["architecture"], m["d_sae"], m["explained_variance"], m["l0"], m["dead_share"], m["seconds"]]
             for hook, by_role in section["saes"].items() for r, m in by_role.items()]
@@ -627,6 +733,41 @@ def _plots(ctx: RunContext, section: dict[str, Any], per_hook: dict[str, Any], n
         plt.close(fig)
 
 
+def _render_scoring(sec: dict[str, Any], ci, fmt, md_table) -> str:
+    """The report's paragraph on scored explanations: the verdict, pooled and per-feature scores."""
+    sc = sec.get("scoring")
+    if not sc:
+        return ""
+    if "skipped" in sc:
+        return f"\nExplanations were not scored ({sc['skipped']}).\n"
+    out = [f"\n**Scored explanations** ({', '.join(sc['methods'])}; {sc['n_score_snippets']} held-out activating "
+           f"snippets per feature from {sc['score_quantiles']} activation-quantile bins and as many non-activating "
+           f"ones; predictions from {'calibrated log-odds' if sc['mode'] == 'logprobs' else 'written 1/0 answers'}; "
+           f"{sc['n_prompts']} prompts, {fmt(sc.get('seconds'), 1)} s). **{sc['verdict']}**"]
+    if sc.get("logprobs_unavailable"):
+        out.append(f" Token log-probabilities were not available: {sc['logprobs_unavailable']}")
+    out.append(" Only labels of explanations above chance count in the IRM checks below.\n\n")
+    out.append(md_table(["method", "balanced accuracy [95% Wilson]", "AUROC [95% bootstrap]", "snippets"],
+                        [[m, ci(v["balanced_accuracy"]), ci(v["auroc"]), v["n_pos"] + v["n_neg"]]
+                         for m, v in sc["overall"].items()]))
+    rows = []
+    for f in sec.get("features", []):
+        s = f.get("scores")
+        if not s:
+            continue
+        row = [f["role"], f["feature"], (f["explanation"] or "").replace("|", "/")[:60]]
+        for m in sc["methods"]:
+            row += [ci(s[m]["balanced_accuracy"], 2), ci(s[m]["auroc"], 2)]
+        row += [{True: "yes", False: "no"}.get(s.get("above_chance"), "n/a"), f.get("label")]
+        rows.append(row)
+    if rows:
+        head = ["SAE", "feature", "explanation"]
+        for m in sc["methods"]:
+            head += [f"{m} bal. acc.", f"{m} AUROC"]
+        out.append("\nPer feature:\n\n" + md_table(head + ["above chance", "label"], rows))
+    return "".join(out)
+
+
 # ----------------------------------------------------------------------------------------------
 def _register_renderer() -> None:
     try:
@@ -673,8 +814,11 @@ def _register_renderer() -> None:
                                 [[k, ci(v["precision"]), ci(v["recall"]), ci(v["accuracy"]),
                                   f"{v['tp']}/{v['fp']}/{v['fn']}/{v['tn']}", v["n_unknown"]]
                                  for k, v in [("all", o), *gt["by_role"].items(),
+                                              *([("above-chance explanations only", gt["trusted"])]
+                                                if "trusted" in gt else []),
                                               *([("written labels", gt["generated_labels"])]
                                                 if "generated_labels" in gt else [])]]))
+        out.append(_render_scoring(sec, ci, fmt, md_table))
         al = [[h, r, v["weight"].get("n_flagged"), v["weight"].get("n"), v["weight"].get("share"),
                v["weight"].get("baseline_mean"), v["weight"].get("p_value"), v["attribution"].get("share"),
                v["attribution"].get("p_value")] for h, d in sec.get("alignment", {}).items() for r, v in d.items()]
@@ -684,6 +828,10 @@ def _register_renderer() -> None:
             out.append(md_table(["hook", "SAE", "flagged", "of", "weight share", "random mean", "p", "attribution share",
                                  "p (attr.)"], al))
             out.append(_img(run, "features_alignment.png", "alignment"))
+            notes = [f"{h} {r}: {v['weight']['note']}" for h, d in sec.get("alignment", {}).items()
+                     for r, v in d.items() if v["weight"].get("note")]
+            if notes:
+                out.append("\nNot tested: " + "; ".join(notes) + ".\n")
         gal = [[h, r, v["weight"].get("n_flagged"), v["weight"].get("n"), v["weight"].get("share"),
                 v["weight"].get("baseline_mean"), v["weight"].get("p_value"), v["attribution"].get("share"),
                 v["attribution"].get("p_value")]
@@ -709,9 +857,11 @@ def _register_renderer() -> None:
         feats = [f for f in sec.get("features", []) if f.get("label") == 1][:12]
         if feats:
             out.append("\nFlagged features (first 12):\n\n")
-            out.append(md_table(["SAE", "feature", "selection", "IRM weight", "relevance", "explanation", "attribute"],
+            out.append(md_table(["SAE", "feature", "selection", "IRM weight", "relevance", "explanation", "attribute",
+                                 "explanation above chance"],
                                 [[f["role"], f["feature"], f["selection"], f["irm_weight"], f["relevance"],
-                                  (f["explanation"] or "").replace("|", "/")[:100], (f["attribute"] or "")[:40]]
+                                  (f["explanation"] or "").replace("|", "/")[:100], (f["attribute"] or "")[:40],
+                                  {True: "yes", False: "no"}.get(f.get("explanation_above_chance"), "n/a")]
                                  for f in feats]))
         if sec.get("skipped"):
             out.append("\nSkipped: " + "; ".join(f"{s['what']} ({s['why']})" for s in sec["skipped"]) + ".\n")

@@ -52,6 +52,10 @@ class CachedLLM:
         self.name = client.name
         self.cache_id = getattr(client, "cache_id", client.name)
         self.stats = CacheStats()
+        # A client that batches (a local model) is asked for all misses at once; one that answers a request
+        # at a time (a server) is asked one by one and each reply is saved as it arrives, so a run whose
+        # server dies for good resumes from every reply it got.
+        self._batches = callable(getattr(client, "complete_many", None))
 
     def key(self, messages: list[Message], *, max_tokens: int, temperature: float, seed: int) -> str:
         return self._key(messages, {"max_tokens": int(max_tokens), "temperature": float(temperature),
@@ -103,9 +107,15 @@ class CachedLLM:
             # The same conversation twice in one batch is asked once.
             uniq = list(dict.fromkeys(keys[i] for i in todo))
             first = {k: next(i for i in todo if keys[i] == k) for k in uniq}
-            replies = complete_many(self.client, [batch[first[k]] for k in uniq], **params)
-            for k, r in zip(uniq, replies, strict=True):
-                self._put(k, batch[first[k]], params, r)
+            if self._batches:
+                replies = complete_many(self.client, [batch[first[k]] for k in uniq], **params)
+                for k, r in zip(uniq, replies, strict=True):
+                    self._put(k, batch[first[k]], params, r)
+            else:  # one request at a time, each reply saved as it comes (see _batches)
+                replies = []
+                for k in uniq:
+                    replies.append(self.client.complete(batch[first[k]], **params))
+                    self._put(k, batch[first[k]], params, replies[-1])
             got = dict(zip(uniq, replies, strict=True))
             for i in todo:
                 out[i] = got[keys[i]]
@@ -129,10 +139,11 @@ class CachedLLM:
         self.stats.hits += len(batch) - len(todo)
         self.stats.misses += len(todo)
         if todo:
-            fresh = choice_logprobs(self.client, [batch[i] for i in todo], choices)
-            for i, row in zip(todo, fresh, strict=True):
-                out[i] = [float(x) for x in row]
-                self._put(keys[i], batch[i], params, json.dumps(out[i]))
+            for part in ([todo] if self._batches else [[i] for i in todo]):
+                fresh = choice_logprobs(self.client, [batch[i] for i in part], choices)
+                for i, row in zip(part, fresh, strict=True):
+                    out[i] = [float(x) for x in row]
+                    self._put(keys[i], batch[i], params, json.dumps(out[i]))
         return np.asarray(out, dtype=np.float64)
 
     def __repr__(self) -> str:

@@ -2,15 +2,19 @@
 llama.cpp, ``transformers serve``). The base URL and API key come from the environment
 (``IRM_LLM_BASE_URL``/``OPENAI_BASE_URL``, ``IRM_LLM_API_KEY``/``OPENAI_API_KEY``) and are never logged,
 saved, hashed into cache keys or shown in a repr. Transient errors (connection, 429, 5xx) are retried
-with exponential backoff; other 4xx are not."""
+with exponential backoff; other 4xx are not. Token log-probabilities (calibrated labels, scored
+explanations) are asked for with ``logprobs``/``top_logprobs`` where the server returns them."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from irm.core.log import get_logger
 from irm.llm.base import (
@@ -100,11 +104,14 @@ class OpenAICompatibleLLM:
         max_retries: int = 4,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
+        top_logprobs: int = 20,
         name: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not model or not isinstance(model, str):
             raise ValueError(f"model must be the server's model name (a non-empty str), got {model!r}")
+        if not 1 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [1, 20] (the OpenAI API's range), got {top_logprobs!r}")
         if max_retries < 0 or backoff_s < 0 or max_backoff_s < 0 or timeout <= 0:
             raise ValueError(
                 f"need max_retries >= 0, backoff_s >= 0, max_backoff_s >= 0 and timeout > 0; got "
@@ -130,7 +137,10 @@ class OpenAICompatibleLLM:
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self._sleep = sleep
-        self.stats = {"requests": 0, "retries": 0, "failures": 0}
+        self.top_logprobs = int(top_logprobs)
+        self.logprobs_unavailable: str | None = None  # why, once the server has shown it has none
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "logprob_requests": 0,
+                      "choices_outside_top_logprobs": 0}
 
     def __repr__(self) -> str:  # never the URL or the key
         return f"OpenAICompatibleLLM(model={self.model!r}, max_retries={self.max_retries})"
@@ -153,18 +163,20 @@ class OpenAICompatibleLLM:
     def complete(
         self, messages: list[Message], *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0
     ) -> str:
-        import openai
-
         messages = check_messages(messages)
         check_params(max_tokens, temperature, seed)
+        return self._content(self._create(messages, max_tokens=max_tokens, temperature=float(temperature),
+                                          seed=seed))
+
+    def _create(self, messages: list[Message], **params: Any) -> Any:
+        """One chat completion, with the retries of transient errors."""
+        import openai
+
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             self.stats["requests"] += 1
             try:
-                resp = self._client.chat.completions.create(
-                    model=self.model, messages=messages, max_tokens=max_tokens, temperature=float(temperature),
-                    seed=seed,
-                )
+                return self._client.chat.completions.create(model=self.model, messages=messages, **params)
             except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
                 last = e
                 if attempt == self.max_retries:
@@ -177,8 +189,9 @@ class OpenAICompatibleLLM:
                 continue
             except openai.APIStatusError as e:
                 self.stats["failures"] += 1
+                what = "a request for token log-probabilities" if "logprobs" in params else "the request"
                 raise LLMError(
-                    f"{self.name}: the server rejected the request with HTTP {e.status_code} ({_describe(e)}); "
+                    f"{self.name}: the server rejected {what} with HTTP {e.status_code} ({_describe(e)}); "
                     "a 4xx is not retried: check the model name, the parameters and the API key."
                 ) from None
             except (openai.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON
@@ -187,12 +200,55 @@ class OpenAICompatibleLLM:
                     f"{self.name}: the server's reply is not a valid chat completion ({type(e).__name__}: "
                     f"{str(e)[:120]}); is the endpoint an OpenAI-compatible /v1/chat/completions?"
                 ) from None
-            return self._content(resp)
         self.stats["failures"] += 1
         raise LLMError(
             f"{self.name}: gave up after {self.max_retries + 1} attempts; last error: {_describe(last)}. "
             "Check that the server is up and reachable, or raise max_retries."
         ) from None
+
+    def choice_logprobs(self, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:
+        """``[len(batch), len(choices)]`` log-probabilities of each choice as the reply's first token (see
+        :func:`irm.llm.choice_logprobs`): one greedy one-token request per conversation with
+        ``logprobs=true, top_logprobs=N``. A choice matches a returned token that equals it (else one that
+        equals it without surrounding spaces). A choice outside the top ``N`` gets the log of the mass the
+        top ``N`` leave, capped at the smallest returned log-probability: an upper bound (counted in
+        ``stats["choices_outside_top_logprobs"]``).
+
+        A server that returns no log-probabilities (``transformers serve`` ignores the fields, some reject
+        them) raises :class:`LLMError` saying so, once; later calls fail at once without a request, and
+        callers fall back to the labels the LLM writes."""
+        if self.logprobs_unavailable:
+            raise LLMError(self.logprobs_unavailable)
+        out = np.zeros((len(batch), len(choices)))
+        for i, messages in enumerate(batch):
+            messages = check_messages(messages)
+            self.stats["logprob_requests"] += 1
+            try:
+                resp = self._create(messages, max_tokens=1, temperature=0.0, seed=0, logprobs=True,
+                                    top_logprobs=self.top_logprobs)
+            except LLMError as e:
+                if "log-probabilities" in str(e):  # rejected: this server has none
+                    self.logprobs_unavailable = f"{e} Token log-probabilities are unavailable from this server."
+                raise
+            top = _top_logprobs(resp)
+            if top is None:
+                self.logprobs_unavailable = (
+                    f"{self.name}: the server returned no token log-probabilities (it ignored `logprobs`/"
+                    "`top_logprobs`, as `transformers serve` does; vLLM and OpenAI return them). "
+                    "Scored (calibrated) labels need them; the labels the LLM writes are used instead "
+                    "(classify_mode = 'generate' / score_mode = 'generate' make that explicit).")
+                raise LLMError(self.logprobs_unavailable)
+            rest = max(1.0 - sum(math.exp(lp) for lp in top.values()), 1e-12)
+            floor = min(min(top.values()), math.log(rest))
+            for j, c in enumerate(choices):
+                hits = [lp for tok, lp in top.items() if tok == c] or \
+                       [lp for tok, lp in top.items() if tok.strip() == c.strip()]
+                if hits:
+                    out[i, j] = max(hits)
+                else:
+                    out[i, j] = floor
+                    self.stats["choices_outside_top_logprobs"] += 1
+        return out
 
     def _content(self, resp: Any) -> str:
         choices = getattr(resp, "choices", None)
@@ -204,6 +260,19 @@ class OpenAICompatibleLLM:
             )
         content = choices[0].message.content
         return "" if content is None else str(content)
+
+
+def _top_logprobs(resp: Any) -> dict[str, float] | None:
+    """``{token: logprob}`` of the first generated token, or None when the reply carries none."""
+    choices = getattr(resp, "choices", None)
+    lp = getattr(choices[0], "logprobs", None) if choices else None
+    content = getattr(lp, "content", None) if lp is not None else None
+    if not content:
+        return None
+    first = content[0]
+    top = {str(t.token): float(t.logprob) for t in (getattr(first, "top_logprobs", None) or [])}
+    top.setdefault(str(first.token), float(first.logprob))
+    return top or None
 
 
 def _describe(err: Exception | None) -> str:
