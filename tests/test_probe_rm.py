@@ -23,7 +23,7 @@ def _run(run_dir: Path, config: Path = TINY, only=STAGES, **overrides):
     from irm.run.pipeline import run_experiment
 
     cfg = load_config(config, overrides={"run_dir": str(run_dir), "tracking.mode": "disabled", **overrides})
-    return run_experiment(cfg, only=list(only))
+    return run_experiment(cfg, only=list(only) if only else None)  # None: every stage
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +159,10 @@ def test_classifier_word_utilities_match_a_hand_computation(tmp_path):
         assert wu.spread[i] == pytest.approx(np.std(diffs, ddof=1), rel=1e-3, abs=1e-6)
 
 
-def test_the_pipeline_runs_with_a_classifier_rm(tmp_path):
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_with_a_classifier_rm(tmp_path):
     clf = _tiny_classifier(tmp_path / "clf")
-    ctx = _run(tmp_path / "run", only=[*STAGES, "contrastive", "report"],
+    ctx = _run(tmp_path / "run", only=None,
                **{"reward.kind": "classifier", "reward.params": {"path": str(clf)}, "tune.steps": 4,
                   "irm.templates": "everyday"})
     res = ctx.run.results()
@@ -174,6 +175,7 @@ def test_the_pipeline_runs_with_a_classifier_rm(tmp_path):
     assert "auc" in irm["summary"]["best_unsupervised"]
     assert (ctx.run_path / "irm_probe" / "probe.json").is_file()
     assert "irm_linear" in json.dumps(res["contrastive"])  # the probe IRM is explained too
+    assert "features" in res and "capture" in res
     assert "## irm" in (ctx.run_path / "report.md").read_text()
 
 
