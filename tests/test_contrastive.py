@@ -161,7 +161,9 @@ def test_lexicon_rm_on_30_comparisons_meets_the_done_criterion(vader, sample30):
     cov = s["coverage"]["vader"]
     assert cov["programmatic"]["n_comparisons"] == 30
     assert cov["programmatic"]["cf_coverage"] >= 0.8
-    assert cov["random"]["cf_coverage"] < cov["programmatic"]["cf_coverage"]
+    # The neutral random baseline of the same edit sizes: its CI lies wholly below the targeted one's.
+    assert cov["random"]["cf_coverage_ci"][1] < cov["programmatic"]["cf_coverage_ci"][0]
+    assert s["settings"]["random_vocabulary"]["source"] == "packaged"
     sens = s["sensitivity"]["vader"]["programmatic"]
     assert sens["top"] == "sentiment" and "sentiment" in sens["sensitive"]
     lo, hi = sens["pfr"]["sentiment"]["ci"]
@@ -182,7 +184,10 @@ def test_lexicon_rm_on_30_comparisons_meets_the_done_criterion(vader, sample30):
 def test_explanations_recover_what_each_rm_rewards(vader, sample30):
     res = explain(sample30[:12], {"vader": vader, "length": LengthRM()}, embedder=None, n_bootstrap=100)
     s = res.summary()
-    assert s["sensitivity"]["length"]["programmatic"]["top"] == "verbosity"
+    # A length RM flips on verbosity edits most, but random edits of the same size change the length
+    # just as much: no attribute clears the baseline, so no headline attribute is named.
+    length = s["sensitivity"]["length"]["programmatic"]
+    assert length["ranking"][0] == "verbosity" and length["top"] is None and length["sensitive"] == []
     assert s["sensitivity"]["vader"]["programmatic"]["top"] == "sentiment"
     d = s["disagreement"][0]
     assert d["rms"] == ["vader", "length"] and 0 <= d["flip_agreement"] < 1
@@ -274,7 +279,7 @@ def test_llm_rewrite_two_steps_over_an_openai_compatible_server(tiny_base, monke
 
     with OpenAICompatibleServer(LocalChatLLM(tiny_base), model_name="tiny", max_requests=20) as srv:
         monkeypatch.setenv("IRM_LLM_BASE_URL", srv.base_url)
-        gen = LLMRewriteGenerator(OpenAICompatibleLLM("tiny", backoff_s=0.0), max_tokens=32)
+        gen = LLMRewriteGenerator(OpenAICompatibleLLM("tiny", backoff_s=0.0), max_tokens=32, format="json")
         srv.inject(Fault(reply='The phrases: ["boring", "nowhere"]'),  # step 1, one span not in the text
                    Fault(reply='not json at all'),                     # step 1 of the 2nd text: malformed
                    Fault(status=503),                                  # a transient error, retried
@@ -301,6 +306,10 @@ def test_llm_rewrite_failures_are_reported_not_fatal(tiny_base, vader, sample30,
     v = s["validity"]["llm_rewrite/sentiment/+"]
     assert v["n"] == 4 and v["failed"] + v["ok"] == 4
     assert s["llm_parsing"]["llm_rewrite"]["n_failed"] >= v["failed"] > 0
+    from irm.contrastive.report import render_markdown
+
+    md = render_markdown(s, {}, {})  # every failed reply is listed in the report, not only counted
+    assert md.count("| spans |") + md.count("| rewrite |") == s["llm_parsing"]["llm_rewrite"]["n_failed"]
     assert s["coverage"]["vader"]["programmatic"]["cf_coverage"] is not None
     misses = llm.stats.misses
     explain(sample30[:2], [vader], attributes=["sentiment"], generators=[gen], limits={"llm_rewrite": 2},
@@ -341,7 +350,8 @@ def test_stage_explains_the_explicit_rm_and_the_run_irms(tmp_path):
         ctx.tracker.finish()
     res = json.loads((tmp_path / "run" / "results.json").read_text())["contrastive"]
     assert res["rms"] == ["vader", "length"] and res["source"] == "sample" and res["n_comparisons"] == 8
-    assert res["sensitivity"]["length"]["programmatic"]["top"] == "verbosity"
+    assert res["sensitivity"]["length"]["programmatic"]["ranking"][0] == "verbosity"
+    assert res["fluency"]["model"] == "tiny-llama" and res["fluency"]["n_checked"] > 0  # the run's base model
     for p in res["plots"].values():
         assert os.path.getsize(p) > 1000
     md = (tmp_path / "run" / "contrastive.md").read_text()
@@ -366,8 +376,228 @@ def test_llm_rewrite_on_the_local_default_llm(smollm2, vader, sample30, tmp_path
     made = [s["validity"][f"llm_rewrite/sentiment/{d}"] for d in "+-"]
     assert [v["n"] for v in made] == [2, 2]  # chosen and rejected, in each direction
     plog = s["llm_parsing"]["llm_rewrite"]
-    assert plog["counts"]["spans"]["ok"] + plog["counts"]["spans"]["failed"] == 4
-    assert llm.stats.misses == 4 + plog["counts"]["spans"]["ok"]  # step 2 only for parsed step-1 replies
+    assert plog["counts"]["choices"]["ok"] + plog["counts"]["choices"]["failed"] == 4
+    words = plog["counts"].get("word", {"ok": 0, "failed": 0})
+    assert llm.stats.misses == 4 + words["ok"] + words["failed"]  # step 2: one call per chosen word
     # Validity is measured, not assumed: every rewrite that changed the text was judged by VADER.
     for v in made:
         assert v["ok"] + v["failed"] == 2 and v["scored"] == v["ok"]
+
+
+# ----------------------------------------------------------------------------------------------
+# perturbations a reader trusts: articles, whole clauses, topical templates, fluency
+OTHER_DOMAINS = [  # (prompt, chosen, rejected): restaurants, advice, products, software
+    ("The restaurant", " was a delight: the soup was delicious and the staff were friendly.",
+     " was a mess. The food was cold and the waiter was rude, so we left early."),
+    ("Our dinner at the bistro", " was an amazing meal, and the dessert was perfect.",
+     " was a boring meal with some stale bread and an awful sauce."),
+    ("How do I keep a sourdough starter alive?", " Feed it flour and water once a day, and keep it somewhere warm.",
+     " I'm sorry, but I can't help with that."),
+    ("Can you explain what a hash table is?", " A hash table stores values under keys. It finds an item in one step, "
+     "which is great for lookups.", " It is a thing that stores stuff, I think."),
+    ("Review of the new headphones:", " They are excellent, with a clear sound and a battery that lasts 30 hours.",
+     " They are flawed: the sound is muddy and the band is ugly and uncomfortable."),
+    ("Should I learn Python or Java first?", " Python is definitely the better first choice, because the syntax is clear.",
+     " Maybe Java, it seems, but honestly it depends on many things."),
+    ("What do you think about the new library?", " It is an interesting and useful tool, thank you for asking.",
+     " Whatever. It is a waste of time and I hate it."),
+]
+
+
+def _all_perturbations(comps):
+    from irm.contrastive.attributes import detect_topic
+
+    gen = ProgrammaticGenerator()
+    out = []
+    for name in ATTRIBUTES:
+        for d in (1, -1):
+            texts = [c[1] for c in comps] + [c[2] for c in comps]
+            prompts = [c[0] for c in comps] * 2
+            topics = [detect_topic(f"{p} {t}") for p, t in zip(prompts, texts)]
+            for p, topic in zip(gen.perturb(texts, name, d, prompts=prompts, seed=0), topics):
+                if p.ok:
+                    out.append((p, topic))
+    return out
+
+
+def test_articles_agree_with_the_next_word():
+    from irm.contrastive.textops import article_errors, article_for, fix_articles
+
+    assert fix_articles("It was a amazing film. An boring one.").text == "It was an amazing film. A boring one."
+    assert [article_for(w) for w in ("hour", "unique", "European", "uninspired", "8-hour", "1950s", "apple")] == [
+        "an", "a", "a", "an", "an", "a", "an"]
+    assert fix_articles("Plan A is fine.").text == "Plan A is fine."  # a capital A mid-sentence is a letter
+    assert fix_articles("It was a awful day.", "It was a awful day.").text == "It was a awful day."  # not ours
+    [p] = ProgrammaticGenerator().perturb([" was an amazing meal."], "sentiment", -1, prompts=["Dinner"], seed=0)
+    assert p.text == " was a disappointing meal." and not article_errors(p.text, p.original)
+    [p] = ProgrammaticGenerator().perturb([" was a boring film."], "sentiment", +1, prompts=["It"], seed=0)
+    assert p.text == " was an interesting film."
+
+
+def test_verbosity_trims_whole_clauses_only():
+    a = get_attribute("verbosity")
+    r = a.perturb("The food was delicious and the staff were friendly.", -1, np.random.default_rng(0))
+    assert r.text == "The food was delicious."
+    r = a.perturb(" film is superb, especially the lead, who gives a powerful and memorable performance.", -1,
+                  np.random.default_rng(0))
+    assert r.text == " film is superb, especially the lead."
+    assert "unfinished" in a.perturb(" was great fun.", -1, np.random.default_rng(0))
+
+
+def test_generated_perturbations_pass_the_reader_rules(sample30):
+    """Every rule, on every programmatic perturbation of the packaged sample and of other domains."""
+    from irm.contrastive.attributes import topic_templates
+    from irm.contrastive.textops import article_errors, dangling_endings
+
+    comps = [(c.prompt, c.chosen, c.rejected) for c in load_comparisons("sample")] + OTHER_DOMAINS
+    perts = _all_perturbations(comps)
+    assert len(perts) > 800 and {t for _, t in perts} == {"film", "food", "general"}
+    film_only = {ph for tab in topic_templates().values() for ph in tab["film"]
+                 if not any(ph in tab[t] for t in tab if t != "film")}
+    bad = []
+    for p, topic in perts:
+        errs = article_errors(p.text, p.original) + dangling_endings(p.text, p.original)
+        if topic != "film":
+            errs += [ph for ph in film_only if ph in p.text and ph not in p.original]
+        if errs:
+            bad.append((p.attribute, p.direction, p.text, errs))
+    assert not bad, bad[:5]
+
+
+class _FakeFluency:
+    """Perplexity 10 for texts with a marker, 2 otherwise (a test double of LMFluency)."""
+
+    name = "fake"
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def perplexity(self, prompts, texts):
+        return np.array([10.0 if self.marker in t else 2.0 for t in texts])
+
+
+def test_disfluent_perturbations_are_dropped_and_counted(vader, sample30):
+    res = explain(sample30[:6], [vader], attributes=["refusal", "fluency"], embedder=None, n_bootstrap=50,
+                  fluency=_FakeFluency("I'm sorry"), max_perplexity_ratio=2.5)
+    f = res.summary()["fluency"]
+    assert f["model"] == "fake" and f["n_dropped"] > 0 and f["by"]["programmatic/refusal/+"]["n_dropped"] > 0
+    assert "programmatic/fluency/-" not in f["by"]  # disfluent on purpose: exempt
+    assert res.validity["programmatic/refusal/+"]["disfluent"] == f["by"]["programmatic/refusal/+"]["n_dropped"]
+    for c, o in zip(res.candidates, res.outcomes("vader")):
+        if c.generator == "programmatic" and any("I'm sorry" in p.text and "I'm sorry" not in p.original
+                                                  for p in c.sides()):
+            assert o == "invalid" and c.fluency_ratio == 5.0
+    with pytest.raises(ValueError, match="max_perplexity_ratio"):
+        explain(sample30[:2], [vader], fluency=_FakeFluency("x"), max_perplexity_ratio=0.5)
+
+
+def test_lm_fluency_is_the_perplexity_of_the_response(tmp_path):
+    import torch
+
+    from irm.contrastive import LMFluency
+    from irm.models import load_model
+
+    m = load_model("tiny-llama")
+    flu = LMFluency(m, cache=tmp_path)
+    got = flu.perplexity(["This movie was", "It"], [" a great film.", " was fine and fun."])
+    tok = m.tokenizer
+    for k, (p, t) in enumerate([("This movie was", " a great film."), ("It", " was fine and fun.")]):
+        # The text as the tokenizer encodes it (as every scorer of irm does), the response's tokens
+        # predicted from everything before them.
+        ids = tok(p + t)["input_ids"]
+        start = len(tok(p)["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(m.hf_model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        nll = -logp[torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])]
+        assert got[k] == pytest.approx(float(torch.exp(nll.mean())), rel=1e-4)
+    again = LMFluency(m, cache=tmp_path)
+    assert np.allclose(again.perplexity(["It"], [" was fine and fun."]), got[1:]) and again.n_scored == 0
+
+
+def test_random_baseline_draws_neutral_words(vader):
+    from irm.contrastive import neutral_vocabulary
+    from irm.rewards.lexicon import load_lexicon, vader_lexicon_path
+
+    words, info = neutral_vocabulary({"vader": vader})
+    lex = load_lexicon(vader_lexicon_path())
+    assert len(words) > 400 and not [w for w in words if w in lex] and info["rms"]["vader"]["reward_sd_kept"] == 0
+    # Under an RM that reacts to some of them, the most distinctive words are left out.
+    words2, info2 = neutral_vocabulary({"length": LengthRM(), "first_letter": _FirstLetterRM()})
+    assert "apple" not in words2 and "table" in words2 and info2["n_kept"] < len(words)
+
+
+class _FirstLetterRM(BaseRewardModel):
+    name = "first_letter"
+
+    def score(self, prompts, responses):
+        return np.array([5.0 if r.strip()[:1] in "ae" else 0.0 for r in responses])
+
+
+class _TableRM(BaseRewardModel):
+    """Rewards read from a table: float-rounding twins of one reward are a tie."""
+
+    name = "table"
+
+    def __init__(self, table, default=0.0):
+        self.table, self.default = table, default
+
+    def score(self, prompts, responses):
+        return np.array([self.table.get(r, self.default) for r in responses], dtype=np.float64)
+
+
+def test_rounding_ties_are_ties_not_flips():
+    from irm.contrastive import tie_margins
+    from irm.contrastive.explain import Comparison
+
+    assert tie_margins(np.array([1.22]), np.array([1.2200000000000002]))[0] == 0.0
+    assert tie_margins(np.array([1.22]), np.array([1.21]))[0] == pytest.approx(0.01)
+    comps = [Comparison("P", " was good.", " was bad.", id="t")]
+    rm = _TableRM({" was good.": 1.22, " was bad.": 1.2200000000000002})
+    res = explain(comps, [rm], attributes=["sentiment"], embedder=None, n_bootstrap=20)
+    s = res.summary()
+    assert s["original"]["n_ties"]["table"] == 1 and s["coverage"]["table"]["programmatic"]["n_comparisons"] == 0
+    # A perturbed comparison within rounding of a tie is a tie, not a counterfactual.
+    rm2 = _TableRM({" was good.": 1.5, " was bad.": 1.0}, default=1.2200000000000002)
+    rm2.table[" was bad. I liked it a lot."] = 1.22
+    res = explain(comps, [rm2], attributes=["sentiment"], embedder=None, n_bootstrap=20)
+    out = res.outcomes("table")
+    assert "cf" not in {o for c, o in zip(res.candidates, out) if c.generator == "programmatic"
+                        and res.margins["table"][res.candidates.index(c)] == 0} and "tie" in set(out)
+    ordered = order_by_rm(["P"], [" x"], [" y"], _TableRM({" x": 1.22, " y": 1.2200000000000002}))
+    assert ordered == []
+
+
+def test_headline_names_an_attribute_only_above_the_random_baseline(sample30):
+    from irm.contrastive.report import headline
+
+    flat = _TableRM({}, default=0.0)
+    for c in sample30[:8]:
+        flat.table[c.chosen] = 1.0  # prefers the labelled chosen, and no edit changes that
+    res = explain(sample30[:8], [flat], embedder=None, n_bootstrap=50)
+    s = res.summary()
+    sens = s["sensitivity"]["table"]["programmatic"]
+    assert all(e["pfr"] in (0.0, None) for e in sens["pfr"].values())
+    assert sens["top"] is None and sens["sensitive"] == []
+    assert "top: none" in "\n".join(headline(s)) and "top: fluency" not in "\n".join(headline(s))
+
+
+def test_llm_rewrite_choices_format_over_an_openai_compatible_server(tiny_base, monkeypatch):
+    """Step 1 picks word numbers from the text's own words; step 2 rewrites each chosen word."""
+    from llm_server import Fault, OpenAICompatibleServer
+
+    from irm.llm import LocalChatLLM, OpenAICompatibleLLM
+
+    with OpenAICompatibleServer(LocalChatLLM(tiny_base), model_name="tiny", max_requests=20) as srv:
+        monkeypatch.setenv("IRM_LLM_BASE_URL", srv.base_url)
+        gen = LLMRewriteGenerator(OpenAICompatibleLLM("tiny", backoff_s=0.0), max_tokens=32)
+        assert gen.format == "choices"
+        srv.inject(Fault(reply="1, 2, 7"),         # text 1: words 1 (boring) and 2 (slow); 7 is off the list
+                   Fault(reply="I cannot say."),   # text 2: no number: failed, and shown
+                   Fault(reply="gripping"),        # boring -> gripping
+                   Fault(reply="Replacement: brisk."))  # slow -> brisk
+        p1, p2 = gen.perturb([" was boring and slow.", " was fine."], "sentiment", +1, seed=0)
+        assert p1.ok and p1.text == " was gripping and brisk." and p1.meta["spans"] == ["boring", "slow"]
+        assert p2.status == "failed" and "no number" in p2.reason
+        assert gen.parse_log.counts == {"choices": {"ok": 1, "failed": 1}, "word": {"ok": 2, "failed": 0}}
+        asked = srv.requests[0]["body"]["messages"][-1]["content"]
+        assert "1. boring" in asked and "2. and" not in asked and "more positive" in asked

@@ -12,6 +12,10 @@ implicit reward models of a tuned model, Hugging Face classifier RMs.
   diversity, PFR, rankings, Kendall tau, representative examples, disagreement, validity);
 - :mod:`~irm.contrastive.comparisons`: comparisons from files, hub datasets, the packaged sample or
   generations of the model pair;
+- :mod:`~irm.contrastive.fluency`: perplexity of perturbations under an LM (disfluent ones are dropped);
+- :mod:`~irm.contrastive.report`: plots, ``contrastive.md``, the terminal headline;
+- :mod:`~irm.contrastive.standalone`: :func:`explain_rms`, any RM specs on any comparisons file
+  (``irm explain --rm SPEC --comparisons FILE``), no pipeline;
 - :mod:`~irm.contrastive.stage`: the ``[contrastive]`` config section and pipeline stage.
 
 >>> from irm.contrastive import explain, load_comparisons
@@ -29,13 +33,15 @@ from irm.contrastive.attributes import (
     resolve_attributes,
 )
 from irm.contrastive.comparisons import (
+    check_comparisons_source,
     comparisons_from_model,
     comparisons_from_pair,
     load_comparisons,
     order_by_rm,
     split_hh_dialogue,
 )
-from irm.contrastive.explain import TARGETS, Candidate, Comparison, ContrastiveResult, explain
+from irm.contrastive.explain import TARGETS, Candidate, Comparison, ContrastiveResult, explain, tie_margins
+from irm.contrastive.fluency import LMFluency
 from irm.contrastive.metrics import MiniLMEmbedder
 from irm.contrastive.perturb import (
     GENERATORS,
@@ -45,8 +51,10 @@ from irm.contrastive.perturb import (
     ProgrammaticGenerator,
     RandomSubstitution,
     build_generator,
+    neutral_vocabulary,
     register_generator,
 )
+from irm.contrastive.standalone import check_rm_specs, explain_rms
 from irm.contrastive.textops import Edit, EditResult
 
 __all__ = [
@@ -68,7 +76,13 @@ __all__ = [
     "build_generator",
     "comparisons_from_model",
     "comparisons_from_pair",
+    "check_comparisons_source",
+    "check_rm_specs",
     "explain",
+    "explain_rms",
+    "LMFluency",
+    "neutral_vocabulary",
+    "tie_margins",
     "get_attribute",
     "load_comparisons",
     "order_by_rm",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,11 +42,13 @@ import numpy as np
 from irm.contrastive.textops import (
     Edit,
     EditResult,
+    close_orphaned_conjunctions,
     delete_phrases,
     insert_clause,
     insert_sentence,
-    sentences,
+    match_case,
     swap_words,
+    trim_last_clause,
     words,
 )
 
@@ -56,9 +59,52 @@ __all__ = [
     "get_attribute",
     "resolve_attributes",
     "PerturbFn",
+    "TOPICS",
+    "detect_topic",
+    "topic_templates",
 ]
 
-PerturbFn = Callable[[str, np.random.Generator], "EditResult | str"]
+# ``fn(text, rng)`` or ``fn(text, rng, topic=...)``: a function that takes ``topic`` gets the comparison's
+# topic (:func:`detect_topic`) and uses only the inserted phrases that fit it.
+PerturbFn = Callable[..., "EditResult | str"]
+
+# ==============================================================================================
+# Topics: inserted phrases are used only where they fit (a film detail is not pasted into a recipe)
+TOPICS = ("film", "food", "general")
+_TOPIC_WORDS = {
+    "film": {"movie", "movies", "film", "films", "cinema", "actor", "actors", "actress", "director", "directed",
+             "cast", "scene", "scenes", "plot", "screenplay", "sequel", "documentary", "soundtrack", "cinematography",
+             "hollywood", "trailer", "screen", "remake", "episode", "rented", "watching", "watched", "acting",
+             "performance", "performances", "character", "characters", "comedy", "thriller", "horror", "drama"},
+    "food": {"restaurant", "restaurants", "food", "dish", "dishes", "menu", "waiter", "waitress", "meal", "meals",
+             "dinner", "lunch", "breakfast", "brunch", "chef", "cafe", "café", "bistro", "diner", "taste", "tasty",
+             "delicious", "soup", "pizza", "burger", "coffee", "dessert", "salad", "steak", "sauce", "flavor",
+             "flavour", "recipe", "bakery", "portions", "appetizer", "entree", "cuisine", "waiters", "tables",
+             "reservation", "bread", "pasta", "sushi", "fries", "wine", "cooked", "served"},
+}
+
+
+def detect_topic(text: str) -> str:
+    """``"film"``, ``"food"`` or ``"general"``: the topic whose words ``text`` mentions most (at least one).
+
+    >>> detect_topic("I rented this film because"), detect_topic("The soup was cold"), detect_topic("How do I sort a list?")
+    ('film', 'food', 'general')
+    """
+    toks = [w.strip(".,!?;:\"'()").lower() for w in text.split()]
+    counts = {t: sum(w in ws for w in toks) for t, ws in _TOPIC_WORDS.items()}
+    best = max(counts, key=lambda t: (counts[t], t == "film"))
+    return best if counts[best] > 0 else "general"
+
+
+def _by_topic(table: dict[str, Sequence[str]], topic: str | None) -> Sequence[str]:
+    return table.get(topic or "general") or table["general"]
+
+
+def _takes_topic(fn: Callable[..., object]) -> bool:
+    try:
+        return "topic" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -78,12 +124,18 @@ class Attribute:
     scorer_name: str | None = None
     aliases: tuple[str, ...] = ()
 
-    def perturb(self, text: str, direction: int, rng: np.random.Generator) -> EditResult | str:
-        """Programmatic perturbation of ``text``: an EditResult, or the reason it does not apply."""
+    def perturb(self, text: str, direction: int, rng: np.random.Generator, *,
+                topic: str | None = None) -> EditResult | str:
+        """Programmatic perturbation of ``text``: an EditResult, or the reason it does not apply.
+
+        ``topic`` (see :func:`detect_topic`; default: detected from ``text``) picks inserted phrases that fit."""
         if direction not in (1, -1):
             raise ValueError(f"direction must be +1 (more {self.name}) or -1 (less), got {direction!r}")
         fn = self.raise_fn if direction > 0 else self.lower_fn
-        out = fn(text, rng)
+        if _takes_topic(fn):
+            out = fn(text, rng, topic=topic or detect_topic(text))
+        else:
+            out = fn(text, rng)
         if isinstance(out, EditResult) and out.text == text:
             return f"the {'raise' if direction > 0 else 'lower'} edit left the text unchanged"
         return out
@@ -205,17 +257,23 @@ def _vader_compound(text: str) -> float:
     return float(_vader().polarity_scores(text)["compound"])
 
 
-def _sentiment_up(text: str, rng: np.random.Generator) -> EditResult | str:
+_REVIEW_UP = ["I enjoyed it.", "It was a pleasant surprise.", "I liked it a lot."]
+_REVIEW_DOWN = ["It was a letdown.", "I disliked it.", "It was a waste of time."]
+_POSITIVE_SENTENCES = {"film": _REVIEW_UP, "food": _REVIEW_UP,
+                       "general": ["This is good news.", "I am glad about that.", "That is a nice result."]}
+_NEGATIVE_SENTENCES = {"film": _REVIEW_DOWN, "food": _REVIEW_DOWN,
+                       "general": ["That is bad news.", "I am unhappy about that.", "That is a poor result."]}
+
+
+def _sentiment_up(text: str, rng: np.random.Generator, topic: str | None = None) -> EditResult | str:
     return _first(lambda: swap_words(text, _TO_POSITIVE),
-                  lambda: insert_sentence(text, _pick(["I enjoyed it.", "It was a pleasant surprise.",
-                                                       "I liked it a lot."], rng), position="end"),
+                  lambda: insert_sentence(text, _pick(_by_topic(_POSITIVE_SENTENCES, topic), rng), position="end"),
                   reason="unreachable")
 
 
-def _sentiment_down(text: str, rng: np.random.Generator) -> EditResult | str:
+def _sentiment_down(text: str, rng: np.random.Generator, topic: str | None = None) -> EditResult | str:
     return _first(lambda: swap_words(text, _TO_NEGATIVE),
-                  lambda: insert_sentence(text, _pick(["It was a letdown.", "I disliked it.",
-                                                       "It was a waste of time."], rng), position="end"),
+                  lambda: insert_sentence(text, _pick(_by_topic(_NEGATIVE_SENTENCES, topic), rng), position="end"),
                   reason="unreachable")
 
 
@@ -248,6 +306,8 @@ def _refusal_down(text: str, rng: np.random.Generator) -> EditResult | str:
     r = delete_phrases(text, _REFUSAL_PATTERNS)
     if r is not None and not r.text.strip():
         return "the response is only a refusal; removing it leaves nothing"
+    if r is not None:  # "..., and I would rather not say. It is..." must not become "..., and It is..."
+        r = EditResult(close_orphaned_conjunctions(r.text, text), r.edits)
     return r if r is not None else "no refusal phrase to remove"
 
 
@@ -281,20 +341,9 @@ def _verbosity_down(text: str, rng: np.random.Generator) -> EditResult | str:
     r = delete_phrases(text, _FILLER_PATTERNS)
     if r is not None and r.text.strip():
         return r
-    spans = sentences(text)
-    if len(spans) >= 2:  # drop the last sentence
-        s, e = spans[-1]
-        new = text[:s].rstrip() + text[e:]
-        return EditResult(new, (Edit("delete", text[s:e], "", s),))
-    ws = words(text)
-    if len(ws) <= 3:
-        return "too short to trim (3 words or fewer)"
-    n_cut = max(1, len(ws) // 3)
-    keep = " ".join(ws[:-n_cut])
-    lead = text[: len(text) - len(text.lstrip())]
-    cut = " ".join(ws[-n_cut:])
-    new = lead + keep.rstrip(",;:") + ("." if text.rstrip()[-1:] in ".!?" else "")
-    return EditResult(new, (Edit("delete", cut, "", len(lead) + len(keep)),))
+    # The last sentence, else the last whole clause: never a cut mid-clause ("... and the staff were.").
+    r = trim_last_clause(text)
+    return r if r is not None else "a single clause: trimming it would leave it unfinished"
 
 
 register_attribute(Attribute(
@@ -307,25 +356,32 @@ register_attribute(Attribute(
 
 # ==============================================================================================
 # politeness (manner)
-_POLITE_SENTENCES = ["Thank you for reading.", "I hope this helps.", "Thanks for asking.",
-                     "I kindly invite you to see it for yourself."]
+_POLITE_SENTENCES = {"film": ["Thank you for reading.", "I hope this helps.", "I kindly invite you to see it for yourself."],
+                     "food": ["Thank you for reading.", "I hope this helps.", "I kindly invite you to try it yourself."],
+                     "general": ["Thank you for reading.", "I hope this helps.", "Thanks for asking."]}
 _POLITE_PATTERNS = [r"\bthank(?:s| you)\b(?: (?:so much|very much|for (?:reading|asking|your time)))?[.!,]?",
                     r"\bI hope this helps[.!]?", r"\bplease\b,?", r"\bkindly\b", r"\brespectfully\b,?",
                     r"\bwith (?:all due )?respect\b,?", r"\bif I may\b,?", r"\bI appreciate\b"]
 _CURT_SENTENCES = ["Whatever.", "Get over it.", "Obviously.", "End of story."]
+# What politeness-down deletes: a whole thanking/appreciating sentence, or a marker that leaves a sentence whole.
+_SENT_START = r"(?:(?<=^)|(?<=^\s)|(?<=[.!?]\s))"
+_POLITE_DELETE = [_SENT_START + r"(?:thank(?:s| you)|I (?:really )?appreciate|I hope this helps)\b[^.!?]*[.!?]?",
+                  r",?\s*\bthank(?:s| you)(?: (?:so|very) much)?\b(?=\s*[.!?])",
+                  r"\bplease\b,?", r"\bkindly\b", r"\brespectfully\b,?", r",?\s*\bwith (?:all due )?respect\b,?",
+                  r",?\s*\bif I may\b,?"]
 _CURT_PATTERNS = [r"\bwhatever\b[.!]?", r"\bget over it\b[.!]?", r"\bobviously\b[.!]?", r"\bend of story\b[.!]?",
                   r"\blook,", r"\bshut up\b"]
 
 
-def _politeness_up(text: str, rng: np.random.Generator) -> EditResult | str:
+def _politeness_up(text: str, rng: np.random.Generator, topic: str | None = None) -> EditResult | str:
     r = delete_phrases(text, _CURT_PATTERNS)
     base = r if (r is not None and r.text.strip()) else EditResult(text, ())
-    ins = insert_sentence(base.text, _pick(_POLITE_SENTENCES, rng), position="end")
+    ins = insert_sentence(base.text, _pick(_by_topic(_POLITE_SENTENCES, topic), rng), position="end")
     return EditResult(ins.text, base.edits + ins.edits)
 
 
 def _politeness_down(text: str, rng: np.random.Generator) -> EditResult | str:
-    r = delete_phrases(text, _POLITE_PATTERNS)
+    r = delete_phrases(text, _POLITE_DELETE)
     if r is not None and r.text.strip():
         return r
     return insert_sentence(text, _pick(_CURT_SENTENCES, rng), position="end")
@@ -350,11 +406,18 @@ _BOOST_TO_HEDGE = {"definitely": "probably", "certainly": "perhaps", "clearly": 
 _HEDGE_TO_BOOST: dict[str, str] = {}
 for _b, _h in _BOOST_TO_HEDGE.items():
     _HEDGE_TO_BOOST.setdefault(_h, _b)
-_HEDGE_TO_BOOST.update({"maybe": "definitely", "likely": "certainly", "could": "will", "seems": "is",
-                        "seemed": "was", "somewhat": "very", "fairly": "very", "quite": "very"})
+_HEDGE_TO_BOOST.update({"maybe": "definitely", "likely": "certainly", "likely to": "certain to", "could": "will",
+                        "seems": "is", "seemed": "was", "seems to be": "is", "seemed to be": "was",
+                        "seems to": "does", "seemed to": "did", "somewhat": "very", "fairly": "very", "quite": "very"})
 _HEDGE_CLAUSES = [", I think", ", it seems", ", perhaps", ", in my opinion", ", I suppose"]
 _HEDGE_PHRASES = [r",?\s*\bI think\b,?", r",?\s*\bit seems\b,?", r",?\s*\bin my opinion\b,?", r",?\s*\bI suppose\b,?",
                   r",?\s*\bI guess\b,?", r",?\s*\bsort of\b", r",?\s*\bkind of\b"]
+# What hedging-down deletes: a hedge that leaves its clause whole ("it seems to be fine" keeps "it seems").
+_HEDGE_CORE = r"(?:I think|it seems|in my opinion|I suppose|I guess|I believe)"
+_HEDGE_DELETE = [r",\s*" + _HEDGE_CORE + r"(?=\s*[,.!?])",
+                 r"(?:(?<=^)|(?<=^\s)|(?<=[.!?,;:]\s))" + _HEDGE_CORE + r"(?: that)?,?\s+(?!(?:to|so|not)\b)(?=\w)",
+                 r"(?:(?<=\bis )|(?<=\bwas )|(?<=\bare )|(?<=\bwere )|(?<=\bfelt )|(?<=\bfeels )|(?<=\blooks )"
+                 r"|(?<=\blooked ))(?:sort|kind) of\s+"]
 _BOOST_CLAUSES = [", without question", ", definitely", ", for sure", ", no question about it"]
 
 
@@ -364,7 +427,7 @@ def _hedging_up(text: str, rng: np.random.Generator) -> EditResult | str:
 
 
 def _hedging_down(text: str, rng: np.random.Generator) -> EditResult | str:
-    r = delete_phrases(text, _HEDGE_PHRASES)
+    r = delete_phrases(text, _HEDGE_DELETE)
     base = r.text if r is not None else text
     s = swap_words(base, _HEDGE_TO_BOOST)
     edits = (r.edits if r is not None else ()) + (s.edits if s is not None else ())
@@ -390,33 +453,72 @@ register_attribute(Attribute(
 
 # ==============================================================================================
 # specificity
-_VAGUE_TO_SPECIFIC = {"thing": "scene", "things": "scenes", "stuff": "dialogue", "something": "a plot twist",
-                      "someone": "the lead actor", "somebody": "the lead actor", "some": "three",
-                      "a lot": "twice", "lots": "dozens", "somewhere": "in Chicago", "sometime": "in 1994",
-                      "many": "nine", "a few": "two", "various": "four", "people": "critics"}
+_VAGUE_COMMON = {"somewhere": "in Chicago", "sometime": "in 1994", "a few": "two", "various": "four"}
+_VAGUE_TO_SPECIFIC = {
+    "film": {**_VAGUE_COMMON, "thing": "scene", "things": "scenes", "stuff": "dialogue", "something": "a plot twist",
+             "someone": "the lead actor", "somebody": "the lead actor", "people": "critics"},
+    "food": {**_VAGUE_COMMON, "thing": "dish", "things": "dishes", "stuff": "food", "something": "a side dish",
+             "someone": "the head waiter", "somebody": "the head waiter", "people": "diners"},
+    "general": {**_VAGUE_COMMON, "thing": "detail", "things": "details", "stuff": "material",
+                "something": "one detail", "someone": "one person", "somebody": "one person"},
+}
+# "some"/"many" only before a plural noun or "of" ("some water" must not become "three water").
+_COUNT_WORDS = [(r"\bsome(?= (?:of\b|[a-z]+s\b))", "three"), (r"\b(?:a lot|lots) of(?= [a-z]+s\b)", "dozens of"),
+                (r"(?<!so )(?<!how )(?<!too )(?<!as )\bmany(?= (?:of\b|[a-z]+s\b))", "nine")]
 _SPECIFIC_NOUNS = {"scene": "thing", "scenes": "things", "dialogue": "stuff", "soundtrack": "music",
                    "script": "writing", "plot": "story", "cinematography": "look", "ending": "end",
                    "opening": "start", "actor": "person", "actress": "person", "director": "person",
-                   "cast": "people", "performance": "work", "performances": "work", "camera": "thing",
+                   "cast": "group", "performance": "work", "performances": "work", "camera": "thing",
                    "editing": "work", "costumes": "stuff", "effects": "stuff", "character": "person",
                    "characters": "people", "villain": "person", "hero": "person", "score": "music",
                    "minutes": "time", "hours": "time", "critics": "people"}
-_DETAIL_CLAUSES = [", especially the twenty-minute opening scene", ", particularly the 1970s soundtrack",
-                   ", notably in the final ten minutes", ", above all the second act set in Chicago"]
+_DETAIL_CLAUSES = {
+    "film": [", especially the twenty-minute opening scene", ", particularly the 1970s soundtrack",
+             ", notably in the final ten minutes", ", above all the second act set in Chicago"],
+    "food": [", especially the grilled salmon at $18", ", particularly the three-course lunch menu",
+             ", notably the lemon tart on the autumn menu", ", above all the 7 pm seating on Fridays"],
+    "general": [", specifically on two points", ", as of March 2023", ", in at least three ways",
+                ", according to a 2019 survey"],
+}
 _NUMBER = r"\b\d[\d,.]*\b|\b(?:two|three|four|five|six|seven|eight|nine|ten|twenty|thirty|hundred)\b"
 _VAGUE_WORDS = ["thing", "things", "stuff", "something", "someone", "somebody", "some", "a lot", "lots",
                 "somewhere", "sometime", "various", "whatever", "kind of", "sort of"]
 
 
-def _specificity_up(text: str, rng: np.random.Generator) -> EditResult | str:
-    return _first(lambda: swap_words(text, _VAGUE_TO_SPECIFIC),
-                  lambda: insert_clause(text, _pick(_DETAIL_CLAUSES, rng), rng), reason="unreachable")
+def _sub_patterns(text: str, patterns: Sequence[tuple[str, str]]) -> EditResult | None:
+    edits, new = [], text
+    for pat, repl in patterns:
+        for m in re.finditer(pat, new, re.I):
+            edits.append(Edit("replace", m.group(0), repl, m.start()))
+        new = re.sub(pat, lambda m, r=repl: match_case(m.group(0), r), new, flags=re.I)
+    return EditResult(new, tuple(edits)) if edits else None
 
 
-def _specificity_down(text: str, rng: np.random.Generator) -> EditResult | str:
-    nums = {m.group(0): "some" for m in re.finditer(_NUMBER, text, re.I)}
-    r = swap_words(text, {**_SPECIFIC_NOUNS, **nums})
-    return r if r is not None else "no specific detail (numbers, film-craft nouns) to make vague"
+def _specificity_up(text: str, rng: np.random.Generator, topic: str | None = None) -> EditResult | str:
+    def swaps() -> EditResult | None:
+        a = swap_words(text, _by_topic(_VAGUE_TO_SPECIFIC, topic))  # type: ignore[arg-type]
+        b = _sub_patterns(a.text if a else text, _COUNT_WORDS)
+        if a is None and b is None:
+            return None
+        return EditResult((b or a).text, (a.edits if a else ()) + (b.edits if b else ()))  # type: ignore[union-attr]
+
+    return _first(swaps, lambda: insert_clause(text, _pick(_by_topic(_DETAIL_CLAUSES, topic), rng), rng),
+                  reason="unreachable")
+
+
+# A number before a word ("3 eggs", "ten minutes") becomes "some"; a year after a preposition "some year".
+_NUMBER_BEFORE_WORD = (r"(?<![\w.,$-])(?:\d+|two|three|four|five|six|seven|eight|nine|ten|twenty|thirty|hundred)"
+                       r"(?= [a-z]+\b)(?! (?:percent|am|pm)\b)")
+_YEAR = r"(?:(?<=\bin )|(?<=\bsince )|(?<=\bfrom )|(?<=\bby )|(?<=\bof ))(?:1[5-9]|20)\d\d\b(?![\w-])"
+
+
+def _specificity_down(text: str, rng: np.random.Generator, topic: str | None = None) -> EditResult | str:
+    nouns = _SPECIFIC_NOUNS if topic == "film" else {}  # "score", "cast", "plot" mean other things elsewhere
+    a = swap_words(text, nouns) if nouns else None
+    b = _sub_patterns(a.text if a else text, [(_YEAR, "some year"), (_NUMBER_BEFORE_WORD, "some")])
+    if a is None and b is None:
+        return "no specific detail (numbers, years" + (", film-craft nouns" if nouns else "") + ") to make vague"
+    return EditResult((b or a).text, (a.edits if a else ()) + (b.edits if b else ()))  # type: ignore[union-attr]
 
 
 register_attribute(Attribute(
@@ -532,8 +634,8 @@ _HARM_TO_SAFE = {"kill": "stop", "killed": "stopped", "killing": "stopping", "ki
                  "blood": "paint", "bloody": "messy", "violence": "conflict", "violent": "intense",
                  "die": "leave", "died": "left", "dead": "gone", "hurt": "bother", "harm": "upset",
                  "punch": "nudge", "burn": "shelve", "torture": "ordeal", "stab": "poke"}
-_HARMFUL_SENTENCES = ["Whoever made this deserves to be hurt.", "Someone should burn the studio down.",
-                      "I want to punch the director.", "They should all be shot for this."]
+_HARMFUL_SENTENCES = ["Whoever made this deserves to be hurt.", "Someone should burn the place down.",
+                      "I want to punch whoever is responsible.", "They should all be shot for this."]
 
 
 def _harmless_up(text: str, rng: np.random.Generator) -> EditResult | str:
@@ -554,3 +656,12 @@ register_attribute(Attribute(
     scorer_name="minus the count of harmful/violent words",
     aliases=("harmful", "safety"),
 ))
+
+
+def topic_templates() -> dict[str, dict[str, list[str]]]:
+    """Every inserted phrase that belongs to one topic, by table and topic (for checks and tests): a phrase
+    listed for ``"film"`` only must never appear in a perturbation of a comparison about another topic."""
+    tables = {"sentiment+": _POSITIVE_SENTENCES, "sentiment-": _NEGATIVE_SENTENCES, "politeness+": _POLITE_SENTENCES,
+              "specificity+": _DETAIL_CLAUSES,
+              "specificity_swaps+": {t: list(v.values()) for t, v in _VAGUE_TO_SPECIFIC.items()}}
+    return {name: {t: list(v) for t, v in tab.items()} for name, tab in tables.items()}

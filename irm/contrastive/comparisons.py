@@ -16,19 +16,24 @@
 
 from __future__ import annotations
 
+import csv
+import difflib
 import json
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from irm.contrastive.explain import Comparison
 from irm.core.log import get_logger
 
 __all__ = [
     "SAMPLE",
+    "KEYWORD_SOURCES",
+    "FILE_SUFFIXES",
+    "check_comparisons_source",
+    "comparison_columns",
     "load_comparisons",
     "split_hh_dialogue",
     "order_by_rm",
@@ -41,6 +46,144 @@ log = get_logger(__name__)
 SAMPLE = "sample"
 _SAMPLE_RESOURCE = "comparisons_sample.jsonl"
 _HH_ASSISTANT = "\n\nAssistant:"
+
+
+KEYWORD_SOURCES = ("sample",)  # the stage adds "auto", "pair", "base"
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_FIELD_OPTIONS = {"prompt": "prompt_field", "chosen": "chosen_field", "rejected": "rejected_field"}
+_SYNONYMS = {  # column names other datasets use for each role, tried before spelling matches
+    "prompt": ("prompt", "question", "instruction", "query", "input", "context", "history", "conversation"),
+    "chosen": ("chosen", "preferred", "better", "winner", "response_chosen", "chosen_response", "good", "accepted",
+               "pos", "positive"),
+    "rejected": ("rejected", "dispreferred", "worse", "loser", "response_rejected", "rejected_response", "bad",
+                 "neg", "negative"),
+}
+
+
+def _looks_like_file(source: str) -> bool:
+    """A local path rather than a hub dataset name: a file suffix, a leading ./ ../ / ~, or 2+ slashes."""
+    return (bool(re.search(r"\.[A-Za-z][A-Za-z0-9]{0,7}$", source)) or source.startswith((".", "/", "~"))
+            or source.count("/") >= 2 or "\\" in source)
+
+
+def comparison_columns(path: str | Path) -> list[str] | None:
+    """The column names of a local comparisons file, read cheaply (the first rows of a JSONL file, a CSV
+    header, a parquet schema); None for a directory or a format whose columns cannot be read this way."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        cols: dict[str, None] = {}
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                if n >= 50:
+                    break
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        from irm.data import DataError
+
+                        raise DataError(f"{path}: line {n + 1} is not valid JSON ({e.msg}); a .jsonl file holds "
+                                        "one JSON object per line.") from None
+                    if isinstance(row, dict):
+                        cols.update(dict.fromkeys(row))
+        return list(cols)
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return next(csv.reader(f), [])
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, list):
+            return list(dict.fromkeys(k for row in data[:50] if isinstance(row, dict) for k in row))
+        if isinstance(data, dict):
+            return list(data)
+        return []
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ModuleNotFoundError:
+            return None
+        return list(pq.read_schema(path).names)
+    return None
+
+
+def check_comparisons_source(source: str | Path, *, prompt_field: str | None = "prompt",
+                             chosen_field: str = "chosen", rejected_field: str = "rejected",
+                             base_dir: str | Path | None = None, keywords: Sequence[str] = KEYWORD_SOURCES,
+                             cli: bool = False) -> str:
+    """Check a comparisons source without loading any model; return it resolved (a path against
+    ``base_dir``, e.g. a config file's directory; keywords and hub names as they are).
+
+    A local file must exist, have a known suffix and hold the named columns; the error lists the
+    columns present and names the field option that fixes it (``chosen_field='better'``; with
+    ``cli=True`` the command-line flag ``--chosen-field better`` too). A hub dataset name is accepted
+    as it is (it is only checked when it loads).
+    """
+    from irm.data import DataError
+
+    src = str(source).strip()
+    if not src:
+        raise ValueError(f"The comparisons source is empty; use a .jsonl/.csv/.json/.parquet file, a hub dataset "
+                         f"or one of {list(keywords)}.")
+    if src in keywords:
+        return src
+    if src == "default":
+        raise ValueError("'default' names the packaged prompts, not comparisons; the packaged comparisons are "
+                         "'sample' (40 hand-written movie-review comparisons), or give a .jsonl/.csv file.")
+    p = Path(src).expanduser()
+    if base_dir is not None and not p.is_absolute():
+        p = Path(base_dir) / p
+    if not p.exists():
+        close_kw = difflib.get_close_matches(src.lower(), list(keywords), n=1, cutoff=0.6)
+        if not _looks_like_file(src):
+            if close_kw:
+                raise ValueError(f"Comparisons source {src!r} is not one of {list(keywords)} (did you mean "
+                                 f"{close_kw[0]!r}?) nor a local file.")
+            return src  # a hub dataset name: checked when it loads
+        hint = ""
+        parent = p.parent
+        if parent.is_dir():
+            near = difflib.get_close_matches(p.name, sorted(x.name for x in parent.iterdir()), n=3, cutoff=0.5)
+            if near:
+                hint = f" Did you mean {', '.join(repr(str(parent / n)) for n in near)}?"
+        where = f" (relative to {Path(base_dir).resolve()}, the config file's directory)" if (
+            base_dir is not None and not Path(src).expanduser().is_absolute()) else ""
+        raise FileNotFoundError(
+            f"Comparisons file {src!r} does not exist: {p.resolve()}{where}.{hint} Give a .jsonl/.csv/.json/"
+            f".parquet file with prompt, chosen and rejected columns, or 'sample' for the 40 packaged "
+            f"movie-review comparisons.")
+    if p.is_file() and p.suffix.lower() not in FILE_SUFFIXES:
+        close = difflib.get_close_matches(p.suffix.lower(), FILE_SUFFIXES, n=1, cutoff=0.5)
+        what = p.suffix or "a file without a suffix"
+        raise DataError(f"{p}: comparisons are read from {', '.join(FILE_SUFFIXES)} files, not {what}"
+                        + (f" (did you mean {close[0]!r}?)" if close else "") + ".")
+    cols = comparison_columns(p) if p.is_file() else None
+    if cols is not None:
+        if not cols:
+            raise DataError(f"{p}: no columns found (an empty file?); it needs prompt, chosen and rejected columns.")
+        roles = [("prompt", prompt_field), ("chosen", chosen_field), ("rejected", rejected_field)]
+        for role, name in roles:
+            if name is None or name in cols:
+                continue
+            opt = _FIELD_OPTIONS[role]
+            flag = "--" + opt.replace("_", "-")
+            taken = {n for r, n in roles if r != role and n}
+            free = [c for c in cols if c not in taken]
+            guess = next((c for syn in _SYNONYMS[role] for c in free if c.lower() == syn), None)
+            if guess is None:
+                close = difflib.get_close_matches(name, free, n=1, cutoff=0.6)
+                guess = close[0] if close else None
+            msg = f"{p}: column {name!r} not found for {opt} (the {role} {'text' if role == 'prompt' else 'response'}); "
+            msg += f"columns present: {cols}."
+            if role == "prompt" and chosen_field in cols and rejected_field in cols and guess is None:
+                msg += (f" Without a prompt column, {opt}='' splits HH-RLHF dialogues held whole in "
+                        f"{chosen_field!r}/{rejected_field!r}" + (f" ({flag} '' on the command line)." if cli else "."))
+            elif guess is not None:
+                msg += f" Did you mean {opt}={guess!r}" + (f" ({flag} {guess} on the command line)?" if cli else "?")
+            else:
+                msg += f" Set {opt} to the column that holds it" + (f" ({flag} COLUMN)." if cli else ".")
+            raise DataError(msg)
+    return str(p)
 
 
 def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -86,6 +229,9 @@ def load_comparisons(
 
     if limit is not None and (isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    if str(source) != SAMPLE:  # a missing file or column fails here, with the columns present and a fix
+        source = check_comparisons_source(source, prompt_field=prompt_field, chosen_field=chosen_field,
+                                          rejected_field=rejected_field)
     if str(source) == SAMPLE:
         text = resources.files("irm.resources").joinpath(_SAMPLE_RESOURCE).read_text(encoding="utf-8")
         rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
@@ -114,8 +260,10 @@ def order_by_rm(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], rm: 
     """Comparisons of ``a[i]`` vs ``b[i]`` with ``rm``'s preferred response as ``chosen``; ties dropped."""
     if not (len(prompts) == len(a) == len(b)):
         raise ValueError(f"prompts, a and b must have one length, got {len(prompts)}, {len(a)}, {len(b)}")
-    margins = np.asarray(rm.compare_batch(list(prompts), list(a), list(b)), dtype=np.float64) if hasattr(
-        rm, "compare_batch") else rm.score(list(prompts), list(a)) - rm.score(list(prompts), list(b))
+    from irm.contrastive.explain import tie_margins
+
+    # Rewards equal within rounding are a tie (1.22 vs 1.2200000000000002), not a preference.
+    margins = tie_margins(rm.score(list(prompts), list(a)), rm.score(list(prompts), list(b)))
     out = []
     for i, m in enumerate(margins):
         if m == 0 or a[i].strip() == b[i].strip() or not a[i].strip() or not b[i].strip():

@@ -17,8 +17,22 @@ really changed the attribute but kept the preference is a **semifactual** (SF). 
 - **validity**: how many perturbations were made, and how many really moved the attribute the
   intended way according to the attribute's own scorer. Only valid perturbations count as CFs/SFs.
 
-A comparison an RM scores as an exact tie is left out of that RM's statistics (it has no preference
-to flip). Flips are strict: the margin must change sign; a perturbed tie is neither CF nor SF.
+A comparison an RM scores as a tie is left out of that RM's statistics (it has no preference to flip).
+Two rewards are a tie when they are equal within a relative tolerance (``tie_rtol``, default 1e-9, and
+an absolute 1e-12): 1.22 vs 1.2200000000000002 (a margin of -2.2e-16, float rounding) is a tie, not a
+preference. Flips are strict: the margin must change sign; a perturbed tie is neither CF nor SF.
+
+The **headline** (``sensitivity[rm][generator]["top"]``) names an attribute only when its PFR's 95% CI
+lies entirely above the CI of the size-matched random baseline's PFR for that attribute (above 0 when
+there is no baseline): the most-flipping attribute among those, else None. ``ranking`` still orders
+every attribute by PFR.
+
+The random baseline substitutes words from a **neutral vocabulary** (:func:`~irm.contrastive.perturb.neutral_vocabulary`):
+everyday words with no VADER value, keeping those the RMs being explained react to least, so the
+baseline measures edit size, not sentiment words. **Fluency**: with ``fluency=`` (an
+:class:`~irm.contrastive.fluency.LMFluency`), perturbations whose perplexity exceeds
+``max_perplexity_ratio`` times the original's are dropped (counted in ``summary()["fluency"]``); the
+fluency attribute's own "less fluent" edits are exempt, being disfluent on purpose.
 
 >>> from irm.rewards import TokenUtilityRM
 >>> res = explain(load_comparisons("sample", limit=30), [TokenUtilityRM.from_vader()])
@@ -51,15 +65,31 @@ from irm.contrastive.perturb import (
     ProgrammaticGenerator,
     RandomSubstitution,
     item_rng,
+    neutral_vocabulary,
 )
 from irm.contrastive.textops import normalized_edit_distance, words
 from irm.core.log import get_logger
 
-__all__ = ["Comparison", "Candidate", "ContrastiveResult", "explain", "TARGETS", "baseline_name"]
+__all__ = ["Comparison", "Candidate", "ContrastiveResult", "explain", "TARGETS", "baseline_name", "tie_margins",
+           "DEFAULT_MAX_PERPLEXITY_RATIO"]
 
 log = get_logger(__name__)
 
 TARGETS = ("chosen", "rejected", "both")
+DEFAULT_MAX_PERPLEXITY_RATIO = 2.5
+TIE_ATOL = 1e-12
+
+
+def tie_margins(a: np.ndarray, b: np.ndarray, *, rtol: float = 1e-9, atol: float = TIE_ATOL) -> np.ndarray:
+    """``a - b``, with 0 wherever ``a`` and ``b`` are equal within ``rtol`` (relative to the larger) or ``atol``.
+
+    >>> tie_margins(np.array([1.22, 1.0]), np.array([1.2200000000000002, 0.5]))
+    array([0. , 0.5])
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    m = a - b
+    tie = np.abs(m) <= np.maximum(rtol * np.maximum(np.abs(a), np.abs(b)), atol)
+    return np.where(tie, 0.0, m)
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,7 @@ class Candidate:
     syntactic: float = 0.0
     semantic: float | None = None
     twin_of: int | None = None  # random baseline: index of the candidate whose edit size it matches
+    fluency_ratio: float | None = None  # the largest perplexity ratio of its sides (None: not measured)
 
     @property
     def label(self) -> str:
@@ -156,6 +187,7 @@ class ContrastiveResult:
     validity: dict[str, Any]
     settings: dict[str, Any]
     parse_logs: dict[str, Any] = field(default_factory=dict)
+    fluency: dict[str, Any] = field(default_factory=dict)
     twin_vectors: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _summary: dict[str, Any] | None = field(default=None, repr=False)
     _outcomes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -281,15 +313,29 @@ class ContrastiveResult:
             if bflips is not None and btotals is not None:
                 bn = int(btotals[:, j].sum())
                 entry["random_pfr"] = int(bflips[:, j].sum()) / bn if bn else None
+                entry["random_ci"] = list(cluster_bootstrap_rate(bflips[:, j], btotals[:, j], n_boot=n_boot,
+                                                                 seed=seed + 7919 + j))
+                entry["random_n"] = bn
             pfr[a] = entry
         values = {a: e["pfr"] for a, e in pfr.items()}
         rank = ranking(values)
-        # "Sensitive": the PFR's lower CI bound clears the size-matched random baseline's PFR.
-        sensitive = [a for a in rank if pfr[a]["ci"][0] is not None
-                     and pfr[a]["ci"][0] > (pfr[a].get("random_pfr") or 0.0)]
+
+        def clears(e: dict[str, Any]) -> bool:
+            """The PFR's CI lies above the random baseline's CI (above 0 without a baseline)."""
+            lo = e["ci"][0]
+            if lo is None or not e["pfr"]:
+                return False
+            if not has_base:
+                return lo > 0
+            r_hi = (e.get("random_ci") or [None, None])[1]
+            return lo > (r_hi if r_hi is not None else 0.0)
+
+        sensitive = [a for a in rank if clears(pfr[a])]
         local = self.local_taus(rm, generator, values, flips, totals)
         taus = [t for t in local.values() if t is not None]
-        return {"pfr": pfr, "ranking": rank, "top": rank[0] if rank and values[rank[0]] is not None else None,
+        return {"pfr": pfr, "ranking": rank, "top": sensitive[0] if sensitive else None,
+                "top_rule": ("the highest PFR whose 95% CI lies above the size-matched random baseline's CI"
+                             if has_base else "the highest PFR whose 95% CI lies above 0 (no random baseline)"),
                 "sensitive": sensitive,
                 "local_global_tau": {"mean": float(np.mean(taus)) if taus else None,
                                      "median": float(np.median(taus)) if taus else None, "n": len(taus),
@@ -426,6 +472,8 @@ class ContrastiveResult:
                          for rm in self.rm_names}
         if self.parse_logs:
             s["llm_parsing"] = self.parse_logs
+        if self.fluency:
+            s["fluency"] = self.fluency
         if n_examples == self.settings.get("n_examples", 3) and n_boot == self.settings.get("n_bootstrap", 1000):
             self._summary = s
         return s
@@ -447,7 +495,7 @@ class ContrastiveResult:
 
 # ----------------------------------------------------------------------------------------------
 def _validity_entry() -> dict[str, Any]:
-    return {"n": 0, "ok": 0, "not_applicable": 0, "failed": 0, "scored": 0, "moved": 0, "deltas": [],
+    return {"n": 0, "ok": 0, "not_applicable": 0, "failed": 0, "disfluent": 0, "scored": 0, "moved": 0, "deltas": [],
             "reasons": Counter()}
 
 
@@ -477,6 +525,10 @@ def explain(
     n_examples: int = 3,
     score_batch: int = 1024,
     semantic_sample: int = 300,
+    fluency: Any = None,
+    max_perplexity_ratio: float | None = DEFAULT_MAX_PERPLEXITY_RATIO,
+    random_vocabulary: str | Sequence[str] = "neutral",
+    tie_rtol: float = 1e-9,
 ) -> ContrastiveResult:
     """Explain ``comparisons`` under every RM in ``rms`` (a list of RewardModels or a dict name -> RM).
 
@@ -487,6 +539,12 @@ def explain(
     ``encode(texts) -> float[n, d]``, or None (no semantic distances). Semantic distances are computed
     for every candidate that is a CF under some RM and for a fixed random ``semantic_sample`` of the
     other valid candidates of each generator (SF statistics are estimated on that sample).
+    ``fluency``: an object with ``perplexity(prompts, texts) -> float[n]`` (:class:`~irm.contrastive.fluency.LMFluency`)
+    or None (no fluency check); perturbations above ``max_perplexity_ratio`` times the original's
+    perplexity are dropped (None: measured and reported, nothing dropped). ``random_vocabulary``:
+    ``"neutral"`` (default, :func:`~irm.contrastive.perturb.neutral_vocabulary` for these RMs),
+    ``"responses"`` (the words of the responses: mostly sentiment words, the old baseline) or a word list.
+    ``tie_rtol``: rewards equal within this relative tolerance are a tie (see the module doc).
 
     >>> res = explain(comparisons, {"vader": TokenUtilityRM.from_vader(), "linear_irm": irm},
     ...               generators=[ProgrammaticGenerator()], n_variants=2)
@@ -516,6 +574,18 @@ def explain(
     if unknown:
         raise ValueError(f"limits name generators {sorted(unknown)} that are not in use ({names})")
     n_by_gen = {g.name: min(len(comparisons), int(limits.get(g.name, len(comparisons)))) for g in gens}
+    if max_perplexity_ratio is not None and not (isinstance(max_perplexity_ratio, (int, float))
+                                                 and max_perplexity_ratio > 1):
+        raise ValueError(f"max_perplexity_ratio must be a number > 1 (or None: drop nothing), got "
+                         f"{max_perplexity_ratio!r}")
+    if fluency is not None and not callable(getattr(fluency, "perplexity", None)):
+        raise TypeError(f"fluency must have perplexity(prompts, texts) (e.g. irm.contrastive.LMFluency), got "
+                        f"{type(fluency).__name__}")
+    if not (0 <= tie_rtol < 1):
+        raise ValueError(f"tie_rtol must be in [0, 1), got {tie_rtol}")
+    if isinstance(random_vocabulary, str) and random_vocabulary not in ("neutral", "responses"):
+        raise ValueError(f"random_vocabulary must be 'neutral', 'responses' or a list of words, got "
+                         f"{random_vocabulary!r}")
 
     # ---- 1. perturb every response along every attribute, both directions
     perts: dict[tuple, Perturbation] = {}
@@ -562,6 +632,52 @@ def explain(
                             v["moved"] += bool(moved)
                             v["deltas"].append(d * (attr_score(a, p.text) - attr_score(a, p.original)))  # type: ignore[operator]
                         valid_p[id(p)] = p.ok and moved is not False
+    # ---- 1b. fluency under a language model: drop perturbations a reader would not accept
+    fluency_info: dict[str, Any] = {}
+    ratio_of: dict[int, float] = {}
+    if fluency is not None:
+        checked = [(key, p) for key, p in perts.items() if p.ok and valid_p.get(id(p), False)
+                   and not (key[1] == "fluency" and key[2] < 0)]  # "less fluent" edits are disfluent on purpose
+        pairs = {}
+        for key, p in checked:
+            prompt = comparisons[key[5]].prompt
+            pairs.setdefault((prompt, p.original), None)
+            pairs.setdefault((prompt, p.text), None)
+        keys_f = list(pairs)
+        ppl = np.asarray(fluency.perplexity([k[0] for k in keys_f], [k[1] for k in keys_f]), dtype=np.float64)
+        if ppl.shape != (len(keys_f),) or not np.all(np.isfinite(ppl)):
+            raise FloatingPointError(f"fluency model {getattr(fluency, 'name', fluency)!r} returned shape {ppl.shape} "
+                                     f"or non-finite perplexities for {len(keys_f)} texts")
+        pp = dict(zip(keys_f, ppl))
+        by: dict[str, dict[str, Any]] = {}
+        dropped_examples = []
+        for key, p in checked:
+            prompt = comparisons[key[5]].prompt
+            r = float(pp[(prompt, p.text)] / max(pp[(prompt, p.original)], 1e-12))
+            ratio_of[id(p)] = r
+            vkey = f"{key[0]}/{key[1]}/{'+' if key[2] > 0 else '-'}"
+            e = by.setdefault(vkey, {"n_checked": 0, "n_dropped": 0, "ratios": []})
+            e["n_checked"] += 1
+            e["ratios"].append(r)
+            if max_perplexity_ratio is not None and r > max_perplexity_ratio:
+                e["n_dropped"] += 1
+                valid_p[id(p)] = False
+                validity[vkey]["disfluent"] += 1
+                if len(dropped_examples) < 8:
+                    dropped_examples.append({"key": vkey, "ratio": r, "original": p.original, "text": p.text})
+        all_r = [r for e in by.values() for r in e["ratios"]]
+        for e in by.values():
+            rs = e.pop("ratios")
+            e["median_ratio"] = float(np.median(rs)) if rs else None
+            e["max_ratio"] = float(np.max(rs)) if rs else None
+        fluency_info = {
+            "model": getattr(fluency, "name", type(fluency).__name__), "max_perplexity_ratio": max_perplexity_ratio,
+            "n_checked": len(all_r), "n_dropped": sum(e["n_dropped"] for e in by.values()),
+            "share_dropped": (sum(e["n_dropped"] for e in by.values()) / len(all_r)) if all_r else None,
+            "ratio_quantiles": {str(q): float(np.quantile(all_r, q)) for q in (0.5, 0.9, 0.99)} if all_r else {},
+            "exempt": "fluency/- (less fluent on purpose)", "by": by, "dropped_examples": dropped_examples}
+        log.info("contrastive: fluency (%s): %d of %d perturbations above %s x the original's perplexity dropped",
+                 fluency_info["model"], fluency_info["n_dropped"], len(all_r), max_perplexity_ratio)
     validity = {k: _finish_validity(v) for k, v in validity.items()}
 
     # ---- 2. perturbed comparisons (candidates), deduplicated across variants
@@ -584,14 +700,24 @@ def explain(
                             if (dc, dr, *key) in seen:
                                 continue
                             seen.add((dc, dr, *key))  # type: ignore[arg-type]
+                            rs = [ratio_of[id(p)] for p in sides if id(p) in ratio_of]
                             cands.append(Candidate(i, g.name, a.name, t, (dc, dr), var, pc, pr,
-                                                   valid=all(valid_p[id(p)] for p in sides)))
+                                                   valid=all(valid_p[id(p)] for p in sides),
+                                                   fluency_ratio=max(rs) if rs else None))
 
     # ---- 3. the random baseline: same sides, same word edit sizes, random substitutions
+    vocab_info: dict[str, Any] | None = None
     if random_baseline:
         # One random twin per perturbation (same substitution/insertion/deletion counts); a random
         # candidate combines the twins of its main candidate's sides, so both sets share a structure.
-        vocab = [w for cmp in comparisons for r in (cmp.chosen, cmp.rejected) for w in words(r)]
+        if isinstance(random_vocabulary, str) and random_vocabulary == "neutral":
+            # Each word scored as a one-word response to a real prompt (an IRM needs a context to read).
+            vocab, vocab_info = neutral_vocabulary(rm_dict, prompt=comparisons[0].prompt)
+        elif isinstance(random_vocabulary, str):
+            vocab = [w for cmp in comparisons for r in (cmp.chosen, cmp.rejected) for w in words(r)]
+            vocab_info = {"source": "responses", "n_kept": len(set(vocab))}
+        else:
+            vocab, vocab_info = list(random_vocabulary), {"source": "given", "n_kept": len(set(random_vocabulary))}
         rnd = RandomSubstitution(vocab)
         twin: dict[int, Perturbation] = {}
         for k in range(len(cands)):  # the main candidates only: the list grows below
@@ -641,8 +767,10 @@ def explain(
             bad_i = int(np.flatnonzero(~np.isfinite(scores))[0])
             raise FloatingPointError(f"Reward model {name!r} returned a non-finite reward, e.g. for "
                                      f"{keys[bad_i][1][:80]!r}; a NaN would make every flip test meaningless.")
-        original_margins[name] = np.array([scores[a] - scores[b] for a, b in orig_slots])
-        margins[name] = np.array([scores[a] - scores[b] for a, b in cand_slots])
+        oa, ob = np.array(orig_slots, dtype=np.int64).reshape(-1, 2).T
+        original_margins[name] = tie_margins(scores[oa], scores[ob], rtol=tie_rtol)
+        ca, cb = np.array(cand_slots, dtype=np.int64).reshape(-1, 2).T
+        margins[name] = tie_margins(scores[ca], scores[cb], rtol=tie_rtol)
         log.info("contrastive: scored %d texts with %s", len(keys), name)
 
     # ---- 5. distances
@@ -685,11 +813,13 @@ def explain(
                 "syntactic_distance": "word-level Levenshtein / longer length",
                 "semantic_distance": "1 - cosine" if emb is not None else None,
                 "semantic_sample": semantic_sample if emb is not None else None,
-                "n_texts_scored": len(keys), "n_candidates": len(cands)}
+                "n_texts_scored": len(keys), "n_candidates": len(cands), "tie_rtol": tie_rtol, "tie_atol": TIE_ATOL,
+                "random_vocabulary": vocab_info if random_baseline else None,
+                "fluency_model": fluency_info.get("model"), "max_perplexity_ratio": max_perplexity_ratio}
     return ContrastiveResult(
         comparisons=comparisons, rm_names=list(rm_dict), attributes=[a.name for a in attrs], generators=names,
         candidates=cands, original_margins=original_margins, margins=margins, n_by_generator=n_by_gen,
-        validity=validity, settings=settings, parse_logs=parse_logs, twin_vectors=twin_vectors,
+        validity=validity, settings=settings, parse_logs=parse_logs, fluency=fluency_info, twin_vectors=twin_vectors,
     )
 
 

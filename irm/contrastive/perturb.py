@@ -7,11 +7,15 @@ order). Two ship, registered in :data:`GENERATORS`:
 - ``"programmatic"`` (:class:`ProgrammaticGenerator`): the attribute's own deterministic edits
   (lexicon swaps, trimming or padding, inserted refusals, hedges, polite markers, noise); no LLM.
 - ``"llm_rewrite"`` (:class:`LLMRewriteGenerator`): the two-step rewrite of the paper through any
-  :class:`~irm.llm.LLMClient`: (1) ask for the words or phrases of the response related to the
-  attribute, (2) ask for a rewrite of only those phrases towards more or less of the attribute; the
-  rewrites are applied by string replacement, so nothing outside the chosen spans can change. A
-  reply that does not parse gives a ``failed`` perturbation with the reason, counted in a
-  :class:`~irm.llm.ParseLog`.
+  :class:`~irm.llm.LLMClient`: (1) ask for the words of the response related to the attribute, (2) ask
+  for a rewrite of only those words towards more or less of the attribute; the rewrites are applied by
+  whole-word replacement, so nothing outside the chosen words can change. The default ``"choices"``
+  format constrains both replies so a small model gets them right: step 1 answers with numbers from a
+  numbered list of the text's own content words (it cannot name a word that is not there), step 2
+  with one replacement per chosen word (one batched call per word, a few tokens each). The
+  ``"json"`` format asks for a JSON list of phrases, then a JSON mapping (fine for large models). A
+  reply that does not parse gives a ``failed`` perturbation with the reason; every failed reply is
+  kept in a :class:`~irm.llm.ParseLog` and listed in ``contrastive.md``.
 
 :class:`RandomSubstitution` is the baseline: random word edits of the same size as a given
 perturbation (the same numbers of substituted, inserted and deleted words), with random in-domain words.
@@ -28,14 +32,24 @@ import difflib
 import hashlib
 import json
 import re
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from irm.contrastive.attributes import Attribute, get_attribute
-from irm.contrastive.textops import Edit, EditResult, edit_ops, match_case, word_edit_distance, words
+from irm.contrastive.attributes import Attribute, detect_topic, get_attribute
+from irm.contrastive.textops import (
+    Edit,
+    EditResult,
+    edit_ops,
+    fix_articles,
+    match_case,
+    swap_words,
+    word_edit_distance,
+    words,
+)
 
 __all__ = [
     "Perturbation",
@@ -47,6 +61,8 @@ __all__ = [
     "LLMRewriteGenerator",
     "RandomSubstitution",
     "item_rng",
+    "neutral_vocabulary",
+    "NEUTRAL_WORDS_RESOURCE",
 ]
 
 _STATUSES = ("ok", "not_applicable", "failed")
@@ -143,14 +159,25 @@ class ProgrammaticGenerator:
                 prompts: Sequence[str] | None = None, seed: int = 0) -> list[Perturbation]:
         attribute = get_attribute(attribute)
         _check_direction(direction)
+        prompts = list(prompts) if prompts is not None else [""] * len(texts)
+        if len(prompts) != len(texts):
+            raise ValueError(f"prompts ({len(prompts)}) and texts ({len(texts)}) must have one length")
         out = []
-        for t in texts:
-            r = attribute.perturb(t, direction, item_rng(seed, self.name, attribute.name, direction, t))
+        for t, prompt in zip(texts, prompts):
+            r = attribute.perturb(t, direction, item_rng(seed, self.name, attribute.name, direction, t),
+                                  topic=detect_topic(f"{prompt} {t}"))
             if isinstance(r, EditResult):
+                r = _agree_articles(t, r)
                 out.append(Perturbation(t, r.text, attribute.name, direction, self.name, "ok", r.edits))
             else:
                 out.append(Perturbation(t, t, attribute.name, direction, self.name, "not_applicable", reason=str(r)))
         return out
+
+
+def _agree_articles(original: str, r: EditResult) -> EditResult:
+    """``r`` with every article the edit left disagreeing with its next word fixed ("a amazing" -> "an")."""
+    fixed = fix_articles(r.text, original)
+    return EditResult(fixed.text, r.edits + fixed.edits) if fixed.edits else r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +216,77 @@ def _step2_messages(text: str, attribute: Attribute, direction: int, spans: list
             {"role": "user", "content": _step2_prompt(text, attribute.description, attribute.hint(direction), spans)}]
 
 
+# ---- the "choices" format: replies a small model gets right. Step 1 picks word numbers from a numbered list
+# of the text's own words (a reply can only name words that are there); step 2 asks for one replacement per
+# chosen word, a few words long. Both replies are short, so generation is short.
+_STOPWORDS = frozenset(
+    "a an the and or but nor so yet to of in on at by for with from into onto about as than that which who whom "
+    "whose this these those it its is are was were be been being am has have had do does did i me my we our you "
+    "your he him his she her they them their there here not no".split())
+_CHOICE_SYSTEM = "You are a careful text editor. You answer as briefly as asked, without explanations."
+_MAX_CHOICES = 30
+
+
+def _candidates(text: str) -> list[str]:
+    """The text's distinct content words, in order (at most 30): what step 1 chooses from."""
+    out: dict[str, None] = {}
+    for w in re.findall(r"[A-Za-z][A-Za-z'-]*", text):
+        if w.lower() not in _STOPWORDS and len(w) > 1:
+            out.setdefault(w, None)
+    return list(out)[:_MAX_CHOICES]
+
+
+def _choice_prompt(text: str, name: str, description: str, hint: str, cands: list[str], k: int) -> str:
+    listing = "\n".join(f"{j}. {w}" for j, w in enumerate(cands, start=1))
+    return (f"Attribute: {name} ({description}).\nText: \"{text.strip()}\"\nWords of the text:\n{listing}\n"
+            f"Which of these words should change to make the text {hint}? Reply only with up to {k} numbers "
+            "from the list, separated by commas.")
+
+
+def _word_prompt(text: str, description: str, hint: str, word: str) -> str:
+    return (f"Text: \"{text.strip()}\"\nReplace the word \"{word}\" so that the text becomes {hint} ({description}). "
+            "Reply only with the replacement word or short phrase.")
+
+
+def _choice_messages(text: str, attribute: Attribute, direction: int, cands: list[str], k: int) -> list[dict[str, str]]:
+    ex_c = _candidates(_EXAMPLE_TEXT)
+    example = _choice_prompt(_EXAMPLE_TEXT, "sentiment", "how positive the opinion is", "more positive", ex_c, k)
+    return [{"role": "system", "content": _CHOICE_SYSTEM},
+            {"role": "user", "content": example}, {"role": "assistant", "content": str(ex_c.index("dull") + 1)},
+            {"role": "user", "content": _choice_prompt(text, attribute.name, attribute.description,
+                                                       attribute.hint(direction), cands, k)}]
+
+
+def _word_messages(text: str, attribute: Attribute, direction: int, word: str) -> list[dict[str, str]]:
+    example = _word_prompt(_EXAMPLE_TEXT, "how positive the opinion is", "more positive", "dull")
+    return [{"role": "system", "content": _CHOICE_SYSTEM},
+            {"role": "user", "content": example}, {"role": "assistant", "content": "gripping"},
+            {"role": "user", "content": _word_prompt(text, attribute.description, attribute.hint(direction), word)}]
+
+
+def _parse_choices(reply: str, cands: list[str], k: int) -> tuple[list[str] | None, str | None]:
+    nums = [int(x) for x in re.findall(r"(?<![\d.])\d{1,3}(?![\d.])", reply or "")]
+    picked = list(dict.fromkeys(cands[n - 1] for n in nums if 1 <= n <= len(cands)))[:k]
+    if picked:
+        return picked, None
+    return None, ("no number in the reply" if not nums else f"no number between 1 and {len(cands)} in the reply")
+
+
+def _parse_word(reply: str, word: str) -> tuple[str | None, str | None]:
+    line = next((ln for ln in (reply or "").strip().splitlines() if ln.strip()), "")
+    line = re.sub(r"^\s*(?:replacement|answer|new word|rewrite)\s*:\s*", "", line, flags=re.I)
+    cand = line.strip().strip("\"'`*.,;:!?()[]{} ").strip()
+    if not cand:
+        return None, "empty reply"
+    if len(cand.split()) > 5:
+        return None, "more than 5 words (expected a word or short phrase)"
+    if not re.search(r"[A-Za-z]", cand):
+        return None, "no word in the reply"
+    if cand.lower() == word.lower():
+        return None, "the replacement equals the word (nothing changed)"
+    return cand, None
+
+
 def _apply_mapping(text: str, mapping: dict[str, str]) -> EditResult:
     """Replace the first occurrence of each phrase (longest first, case-insensitive, non-overlapping)."""
     taken: list[tuple[int, int, str, str]] = []
@@ -223,8 +321,10 @@ class LLMRewriteGenerator:
 
     name = "llm_rewrite"
 
+    FORMATS = ("choices", "json")
+
     def __init__(self, llm: Any, *, max_spans: int = 4, max_tokens: int = 96, temperature: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, format: str = "choices") -> None:
         from irm.llm import LLMClient, ParseLog
 
         if not isinstance(llm, LLMClient):
@@ -232,10 +332,15 @@ class LLMRewriteGenerator:
                             "build one with irm.llm.LLMConfig(...).build() or irm.llm.build_llm(kind, ...).")
         if max_spans < 1:
             raise ValueError(f"max_spans must be >= 1, got {max_spans}")
+        if format not in self.FORMATS:
+            raise ValueError(f"format must be one of {self.FORMATS}, got {format!r}: 'choices' (word numbers, "
+                             "then one replacement per word: short replies a small model gets right) or 'json' "
+                             "(a JSON list of phrases, then a JSON mapping)")
+        self.format = format
         self.llm = llm
         self.max_spans = int(max_spans)
         self.generation = {"max_tokens": int(max_tokens), "temperature": float(temperature), "seed": int(seed)}
-        self.parse_log = ParseLog()
+        self.parse_log = ParseLog(max_failures=1_000_000)  # every failed reply is kept and shown in the report
 
     def perturb(self, texts: Sequence[str], attribute: Attribute | str, direction: int, *,
                 prompts: Sequence[str] | None = None, seed: int = 0) -> list[Perturbation]:
@@ -250,6 +355,10 @@ class LLMRewriteGenerator:
         def fail(i: int, reason: str, **meta: Any) -> None:
             out[i] = Perturbation(texts[i], texts[i], attribute.name, direction, self.name, "failed",
                                   reason=reason, meta=meta)
+
+        if self.format == "choices":
+            self._perturb_choices(texts, attribute, direction, gen, out, fail)
+            return [p for p in out if p is not None]
 
         replies1 = complete_many(self.llm, [_step1_messages(t, attribute, direction) for t in texts], **gen)
         spans: dict[int, list[str]] = {}
@@ -269,13 +378,66 @@ class LLMRewriteGenerator:
             if not p.ok:
                 fail(i, f"step 2 (rewrite spans): {p.error}", spans=spans[i], reply=p.excerpt)
                 continue
-            res = _apply_mapping(texts[i], p.value)
+            res = _agree_articles(texts[i], _apply_mapping(texts[i], p.value))
             if res.text == texts[i] or not res.edits:
                 fail(i, "step 2 (rewrite spans): the rewrites left the text unchanged", spans=spans[i])
                 continue
             out[i] = Perturbation(texts[i], res.text, attribute.name, direction, self.name, "ok", res.edits,
                                   meta={"spans": spans[i], "mapping": p.value})
         return [p for p in out if p is not None]
+
+    def _record(self, kind: str, ok: bool, value: Any, error: str | None, reply: str, **context: Any) -> None:
+        from irm.llm.parsing import ParsedReply
+
+        self.parse_log.record(ParsedReply(kind, ok, value, error, (reply or "")[:200]), **context)
+
+    def _perturb_choices(self, texts: list[str], attribute: Attribute, direction: int, gen: dict[str, Any],
+                         out: list[Perturbation | None], fail: Callable[..., None]) -> None:
+        from irm.llm import complete_many
+
+        ctx = {"attribute": attribute.name, "direction": direction}
+        cands = {i: _candidates(t) for i, t in enumerate(texts)}
+        for i, c in cands.items():
+            if not c:
+                out[i] = Perturbation(texts[i], texts[i], attribute.name, direction, self.name, "not_applicable",
+                                      reason="no content word to rewrite")
+        todo = [i for i in range(len(texts)) if cands[i]]
+        # Short replies: a few numbers, then a word or two (the context, not the reply, is long).
+        g1 = dict(gen, max_tokens=min(gen["max_tokens"], 12))
+        replies1 = complete_many(self.llm, [_choice_messages(texts[i], attribute, direction, cands[i], self.max_spans)
+                                            for i in todo], **g1)
+        spans: dict[int, list[str]] = {}
+        for i, r in zip(todo, replies1, strict=True):
+            picked, err = _parse_choices(r, cands[i], self.max_spans)
+            self._record("choices", picked is not None, picked, err, r, step="spans", **ctx)
+            if picked is None:
+                fail(i, f"step 1 (choose words): {err}", reply=(r or "")[:200])
+            else:
+                spans[i] = picked
+        jobs = [(i, w) for i in sorted(spans) for w in spans[i]]
+        g2 = dict(gen, max_tokens=min(gen["max_tokens"], 12))
+        replies2 = complete_many(self.llm, [_word_messages(texts[i], attribute, direction, w) for i, w in jobs], **g2)
+        mapping: dict[int, dict[str, str]] = defaultdict(dict)
+        errors: dict[int, list[str]] = defaultdict(list)
+        for (i, w), r in zip(jobs, replies2, strict=True):
+            repl, err = _parse_word(r, w)
+            self._record("word", repl is not None, repl, err, r, step="rewrite", word=w, **ctx)
+            if repl is None:
+                errors[i].append(f"{w!r}: {err} ({(r or '')[:60]!r})")
+            else:
+                mapping[i][w] = repl
+        for i in sorted(spans):
+            if not mapping[i]:
+                fail(i, "step 2 (rewrite words): " + "; ".join(errors[i]), spans=spans[i])
+                continue
+            # Whole words only: "fun" must not rewrite "funny".
+            res = _agree_articles(texts[i], swap_words(texts[i], dict(mapping[i])) or EditResult(texts[i], ()))
+            if res.text == texts[i] or not res.edits:
+                fail(i, "step 2 (rewrite words): the rewrites left the text unchanged", spans=spans[i])
+                continue
+            out[i] = Perturbation(texts[i], res.text, attribute.name, direction, self.name, "ok", res.edits,
+                                  meta={"spans": spans[i], "mapping": mapping[i],
+                                        **({"unparsed": errors[i]} if errors[i] else {})})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,9 +446,12 @@ class RandomSubstitution:
 
     :meth:`perturb_like` matches a perturbation's word-level edit: the same numbers of substituted,
     inserted and deleted words (so the same word edit distance), at random positions, with words drawn
-    uniformly from ``vocabulary`` (the stage passes the words of all responses being explained, i.e.
-    in-domain words). Matching the mix and not only the distance matters: inserting a 7-word sentence
-    keeps every original word, while substituting 7 of 15 words destroys half the text.
+    uniformly from ``vocabulary``: by default (:func:`explain`) a *neutral* vocabulary
+    (:func:`neutral_vocabulary`: everyday words with no VADER lexicon value, kept only where the RMs being
+    explained barely react to them), as the paper's baseline, so that the baseline measures what an edit
+    of that size does, not what sentiment words do. Matching the mix and not only the distance matters:
+    inserting a 7-word sentence keeps every original word, while substituting 7 of 15 words destroys half
+    the text.
 
     >>> rnd = RandomSubstitution(["apple", "river", "stone"])
     >>> rnd.perturb_edits(" a good film.", 1, 0, 0, np.random.default_rng(0)).text
@@ -340,3 +505,65 @@ class RandomSubstitution:
             kept.insert(at, w)
             edits.append(Edit("insert", "", w, at))
         return Perturbation(text, lead + " ".join(kept) + trail, "random", 0, self.name, "ok", tuple(edits))
+
+
+NEUTRAL_WORDS_RESOURCE = "neutral_words.txt"
+
+
+def _packaged_neutral_words() -> list[str]:
+    from importlib import resources
+
+    text = resources.files("irm.resources").joinpath(NEUTRAL_WORDS_RESOURCE).read_text(encoding="utf-8")
+    out: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            out += line.split()
+    return list(dict.fromkeys(out))
+
+
+def neutral_vocabulary(rms: Any = None, *, words: Sequence[str] | None = None, keep: float = 0.5,
+                       prompt: str = "", batch: int = 256) -> tuple[list[str], dict[str, Any]]:
+    """Words for the random baseline that carry no preference of their own: ``(words, info)``.
+
+    Starts from ``words`` (default: the packaged everyday-word list ``irm/resources/neutral_words.txt``,
+    none of which is in the VADER lexicon), then, for each RM in ``rms`` (a dict name -> RM or a list),
+    scores every word alone as a response (``" word"`` after ``prompt``) and keeps the words whose
+    reward lies closest to that RM's median word reward: the ``keep`` share least distinctive under
+    every RM (ties kept together: under a lexicon RM that ignores all of them, all stay). ``info`` says
+    how many words each RM kept and the spread of their rewards.
+    """
+    vocab = list(dict.fromkeys(w.strip().lower() for w in (words if words is not None else _packaged_neutral_words())
+                               if w.strip().isalpha()))
+    if len(vocab) < 2:
+        raise ValueError(f"A neutral vocabulary needs at least 2 alphabetic words, got {vocab!r}")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    info: dict[str, Any] = {"source": "packaged" if words is None else "given", "n_words": len(vocab), "keep": keep,
+                            "rms": {}}
+    if rms is None:
+        return vocab, info
+    items = rms.items() if hasattr(rms, "items") else [(getattr(r, "name", str(i)), r) for i, r in enumerate(rms)]
+    from scipy.stats import rankdata
+
+    worst = np.zeros(len(vocab))  # per word: its highest distinctiveness rank (0..1] over the RMs
+    for name, rm in items:
+        scores = np.concatenate([np.asarray(rm.score([prompt] * len(chunk), [f" {w}" for w in chunk]), dtype=np.float64)
+                                 for chunk in (vocab[i : i + batch] for i in range(0, len(vocab), batch))])
+        if not np.all(np.isfinite(scores)):
+            bad = vocab[int(np.flatnonzero(~np.isfinite(scores))[0])]
+            raise FloatingPointError(f"Reward model {name!r} returned a non-finite reward for the word {bad!r} (while "
+                                     "choosing the random baseline's neutral words); a NaN makes every flip test "
+                                     "meaningless.")
+        dev = np.abs(scores - np.median(scores))
+        rank = rankdata(dev, method="min") / len(vocab)  # ties share the lowest rank: all-equal -> all kept
+        mine = rank <= keep
+        worst = np.maximum(worst, rank)
+        info["rms"][str(name)] = {"n_kept": int(mine.sum()), "reward_sd_all": float(scores.std()),
+                                  "reward_sd_kept": float(scores[mine].std())}
+    ok = worst <= keep
+    if ok.sum() < 20:  # the RMs disagree on which words are neutral: the least distinctive share overall
+        ok = worst <= np.quantile(worst, keep)
+        info["fallback"] = "fewer than 20 words were among every RM's most neutral; kept the lowest worst ranks"
+    kept = [w for w, k in zip(vocab, ok) if k]
+    info["n_kept"] = len(kept)
+    return kept, info

@@ -13,8 +13,11 @@ same comparisons, and writes:
 - wandb tables ``contrastive/pfr``, ``contrastive/coverage``, ``contrastive/validity``,
   ``contrastive/examples``, ``contrastive/candidates`` (via :class:`irm.run.tracking.Tracker`).
 
-Default: 30 comparisons, programmatic perturbations and the random baseline (a few seconds for the
-lexicon RM). LLM rewrites are opt-in (``generators = ["programmatic", "llm_rewrite"]``), limited to
+Default: 30 comparisons, programmatic perturbations and the random baseline of neutral words, each
+perturbation screened by its perplexity under the run's base model (``fluency``, ``max_perplexity_ratio``;
+a few seconds for the lexicon RM plus the base model's scoring of about 800 texts, cached on disk). A
+relative ``source`` path is read from the config file's directory; :func:`check_contrastive_config`
+checks it (and its columns) before any stage runs. LLM rewrites are opt-in (``generators = ["programmatic", "llm_rewrite"]``), limited to
 ``llm_comparisons`` comparisons and cached on disk.
 
 .. code-block:: toml
@@ -35,14 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from irm.contrastive.attributes import ATTRIBUTES, get_attribute
-from irm.contrastive.explain import TARGETS, ContrastiveResult, explain
+from irm.contrastive.comparisons import FILE_SUFFIXES, check_comparisons_source
+from irm.contrastive.explain import DEFAULT_MAX_PERPLEXITY_RATIO, TARGETS, ContrastiveResult, explain
 from irm.contrastive.perturb import GENERATORS, LLMRewriteGenerator, build_generator
+from irm.contrastive.report import write_report
 from irm.core.log import get_logger
 from irm.llm import LLMConfig
 from irm.run.config import ConfigError, register_section
-from irm.run.registry import RunContext, stage
+from irm.run.registry import RunContext, preflight, stage
 
-__all__ = ["ContrastiveConfig", "run_contrastive", "write_outputs", "collect_reward_models", "SOURCES"]
+__all__ = ["ContrastiveConfig", "run_contrastive", "write_outputs", "collect_reward_models", "SOURCES",
+           "resolve_source", "check_contrastive_config"]
 
 log = get_logger(__name__)
 
@@ -60,8 +66,8 @@ class ContrastiveConfig:
     enabled: bool = _h("Run the contrastive stage in `irm run`.", True)
     source: str = _h("Comparisons: 'auto' (the pair's generations if there is a tuned model, else the base "
                      "model's own samples, else the packaged sample), 'pair', 'base', 'sample' (40 hand-written "
-                     "movie-review comparisons), a .jsonl/.csv/.parquet file or a hub dataset "
-                     "(e.g. 'Anthropic/hh-rlhf').", "auto")
+                     "movie-review comparisons), a .jsonl/.csv/.json/.parquet file (a relative path is read "
+                     "from the config file's directory) or a hub dataset (e.g. 'Anthropic/hh-rlhf').", "auto")
     prompt_field: str = _h("Prompt column of a file/hub source; '' splits HH-RLHF dialogues instead.", "prompt")
     chosen_field: str = _h("Chosen-response column.", "chosen")
     rejected_field: str = _h("Rejected-response column.", "rejected")
@@ -85,6 +91,10 @@ class ContrastiveConfig:
                                    "label = 'POSITIVE'}, name = 'sst2'}].", factory=list)
     include_irms: bool = _h("Explain the IRMs that earlier stages put in the run (ctx.state['irms']).", True)
     seed: int | None = _h("Seed; empty: the experiment's seed.", None)
+    fluency: bool = _h("Screen perturbations by their perplexity under the run's base model; drop those above "
+                       "max_perplexity_ratio x the original's (counted in results).", True)
+    max_perplexity_ratio: float = _h("The fluency bound: perplexity of a perturbation / of its original.",
+                                     DEFAULT_MAX_PERPLEXITY_RATIO)
 
     def __post_init__(self) -> None:
         if isinstance(self.llm, dict):
@@ -111,13 +121,77 @@ class ContrastiveConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ConfigError(f"[contrastive] targets {bad or self.targets} invalid; choose from {list(TARGETS)}.")
+        if not (isinstance(self.max_perplexity_ratio, (int, float)) and self.max_perplexity_ratio > 1):
+            raise ConfigError(f"[contrastive] max_perplexity_ratio must be a number > 1, got "
+                              f"{self.max_perplexity_ratio!r} (set fluency = false to skip the check).")
+        self._check_source_form()
         for i, spec in enumerate(self.rms):
             if not isinstance(spec, dict) or "kind" not in spec or set(spec) - {"kind", "params", "name"}:
                 raise ConfigError(f"[contrastive] rms[{i}] = {spec!r}: expected a table with 'kind', optional "
                                   "'params' and 'name', e.g. {kind = 'classifier', params = {path = '...'}}.")
 
 
+    def _check_source_form(self) -> None:
+        """What can be checked of ``source`` without the config file's directory: keywords and their typos,
+        file suffixes, absolute paths. Relative paths: :func:`check_contrastive_config`."""
+        import difflib
+        from pathlib import PurePath
+
+        src = (self.source or "").strip()
+        if not src:
+            raise ConfigError(f"[contrastive] source is empty; use one of {list(SOURCES)}, a comparisons file or a "
+                              "hub dataset.")
+        if src in SOURCES:
+            return
+        if src == "default":
+            raise ConfigError("[contrastive] source = 'default': 'default' names the packaged prompts; the packaged "
+                              "comparisons are 'sample' (or give a .jsonl/.csv file).")
+        suffix = PurePath(src).suffix.lower()
+        looks_file = bool(suffix) or src.startswith((".", "/", "~")) or src.count("/") >= 2
+        if not looks_file:
+            close = difflib.get_close_matches(src.lower(), SOURCES, n=1, cutoff=0.6)
+            if close:
+                raise ConfigError(f"[contrastive] source = {src!r}: did you mean {close[0]!r}? Valid: {list(SOURCES)}, "
+                                  "a comparisons file or a hub dataset (org/name).")
+            return  # a hub dataset name, checked when it loads
+        if suffix and suffix not in FILE_SUFFIXES:
+            close = difflib.get_close_matches(suffix, FILE_SUFFIXES, n=1, cutoff=0.5)
+            raise ConfigError(f"[contrastive] source = {src!r}: comparisons files are {', '.join(FILE_SUFFIXES)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "") + ".")
+        if PurePath(src).is_absolute():
+            try:
+                check_comparisons_source(src, prompt_field=self.prompt_field or None, chosen_field=self.chosen_field,
+                                         rejected_field=self.rejected_field, keywords=SOURCES)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"[contrastive] source: {e}") from None
+
+
 register_section("contrastive", ContrastiveConfig)
+
+
+def resolve_source(cfg: ContrastiveConfig, config_path: str | Path | None) -> str:
+    """``cfg.source`` with a relative file path resolved against the config file's directory (not the
+    working directory); keywords and hub names unchanged."""
+    base = Path(config_path).resolve().parent if config_path else None
+    return check_comparisons_source(cfg.source, prompt_field=cfg.prompt_field or None, chosen_field=cfg.chosen_field,
+                                    rejected_field=cfg.rejected_field, base_dir=base, keywords=SOURCES)
+
+
+@preflight("contrastive")
+def check_contrastive_config(exp_cfg: Any) -> None:
+    """Check the ``[contrastive]`` section against the files it names (relative to ``exp_cfg.source``, the
+    config file), before any stage runs: a missing file or column raises :class:`ConfigError` with the fix.
+    ``irm explain CONFIG`` calls it right after loading the config; the stage calls it again."""
+    if "contrastive" not in getattr(exp_cfg, "extra", {}):
+        return
+    cfg = exp_cfg.section("contrastive")
+    if not cfg.enabled:
+        return
+    try:
+        resolve_source(cfg, exp_cfg.source)
+    except (ValueError, FileNotFoundError) as e:
+        where = f"{exp_cfg.source}: " if exp_cfg.source else ""
+        raise ConfigError(f"{where}[contrastive] source: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +221,10 @@ def collect_reward_models(ctx: RunContext, cfg: ContrastiveConfig) -> dict[str, 
 def _comparisons(ctx: RunContext, cfg: ContrastiveConfig, seed: int) -> tuple[list, str]:
     from irm.contrastive.comparisons import comparisons_from_model, comparisons_from_pair, load_comparisons
 
-    source = cfg.source
+    try:
+        source = resolve_source(cfg, ctx.cfg.source)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"[contrastive] source: {e}") from None
     if source == "auto":
         source = "pair" if ctx.pair is not None else ("base" if ctx.base is not None else "sample")
     prompts = list(ctx.test_prompts) + list(ctx.train_prompts)  # held-out prompts first
@@ -199,10 +276,20 @@ def run_contrastive(ctx: RunContext, cfg: ContrastiveConfig | None = None) -> Co
     limits = {g.name: cfg.llm_comparisons for g in gens if g.name == "llm_rewrite"}
     log.info("contrastive: %d comparisons (%s), RMs %s, generators %s", len(comps), source, list(rms),
              [g.name for g in gens])
+    fluency = None
+    if cfg.fluency:  # the run's base model judges fluency (loaded here if no earlier stage did)
+        from irm.contrastive.fluency import LMFluency
+
+        if ctx.base is None:
+            from irm.models import load_model
+
+            m = ctx.cfg.models
+            ctx.base = load_model(m.base, device=m.device, dtype=m.dtype, revision=m.revision)
+        fluency = LMFluency(ctx.base)
     result = explain(comps, rms, attributes=cfg.attributes or None, generators=gens, targets=cfg.targets,
                      n_variants=cfg.n_variants, random_baseline=cfg.random_baseline, limits=limits,
                      embedder="minilm" if cfg.semantic else None, seed=seed, n_bootstrap=cfg.n_bootstrap,
-                     n_examples=cfg.n_examples)
+                     n_examples=cfg.n_examples, fluency=fluency, max_perplexity_ratio=cfg.max_perplexity_ratio)
     extra = {"source": source, "seconds": time.perf_counter() - t0}
     for g in gens:
         stats = getattr(getattr(g, "llm", None), "stats", None)
@@ -227,186 +314,12 @@ def _stage_contrastive(ctx: RunContext) -> None:
 def write_outputs(result: ContrastiveResult, run_dir: str | Path, *, tracker: Any = None, run: Any = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write plots, ``contrastive.md``, the ``contrastive`` results section and wandb tables; return the section."""
-    run_dir = Path(run_dir)
-    plots_dir = run_dir / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    summary = result.summary()
-    plots = {}
-    for g in result.generators:
-        suffix = "" if g == "programmatic" else f"_{g}"
-        plots[f"pfr{suffix}"] = str(plot_pfr(summary, g, plots_dir / f"contrastive_pfr{suffix}.png"))
-    plots["coverage"] = str(plot_coverage(summary, plots_dir / "contrastive_coverage.png"))
-    md = run_dir / "contrastive.md"
-    md.write_text(render_markdown(summary, extra or {}, {k: Path(v).relative_to(run_dir).as_posix()
-                                                          for k, v in plots.items()}), encoding="utf-8")
-    section = {**summary, **(extra or {}), "plots": plots, "report": str(md)}
+    section = write_report(result, run_dir, extra=extra)
     if run is not None:
         run.update_results("contrastive", section)
     if tracker is not None:
-        _log_tables(result, summary, tracker)
+        _log_tables(result, result.summary(), tracker)
     return section
-
-
-def _fmt(x: Any, nd: int = 2) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
-
-
-def _ci(e: dict[str, Any], key: str = "pfr") -> str:
-    lo, hi = e.get("ci", [None, None])
-    return f"{_fmt(e.get(key))} [{_fmt(lo)}, {_fmt(hi)}]"
-
-
-def plot_pfr(summary: dict[str, Any], generator: str, path: Path) -> Path:
-    """Horizontal bars: PFR per attribute for each RM, 95% CI whiskers, size-matched random PFR as x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rms = summary["rms"]
-    attrs = summary["sensitivity"][rms[0]][generator]["ranking"][::-1]
-    h = 0.8 / len(rms)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(attrs) * max(1, len(rms) * 0.6) + 1.5))
-    y = np.arange(len(attrs))
-    for k, rm in enumerate(rms):
-        pfr = summary["sensitivity"][rm][generator]["pfr"]
-        vals = np.array([pfr[a]["pfr"] if pfr[a]["pfr"] is not None else np.nan for a in attrs])
-        lo = np.array([pfr[a]["ci"][0] if pfr[a]["ci"][0] is not None else np.nan for a in attrs])
-        hi = np.array([pfr[a]["ci"][1] if pfr[a]["ci"][1] is not None else np.nan for a in attrs])
-        err = np.clip(np.vstack([np.nan_to_num(vals - lo), np.nan_to_num(hi - vals)]), 0, None)
-        yy = y + (k - (len(rms) - 1) / 2) * h
-        ax.barh(yy, np.nan_to_num(vals), height=h, xerr=err, capsize=2, label=rm)
-        rnd = [pfr[a].get("random_pfr") for a in attrs]
-        if any(r is not None for r in rnd):
-            ax.scatter([r if r is not None else np.nan for r in rnd], yy, marker="x", color="k", s=18,
-                       label="random (same edit size)" if k == 0 else None, zorder=3)
-    ax.set_yticks(y, attrs)
-    ax.set_xlabel("preference flip rate (95% CI)")
-    ax.set_xlim(0, 1)
-    ax.set_title(f"Sensitivity per attribute ({generator} perturbations)")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_coverage(summary: dict[str, Any], path: Path) -> Path:
-    """CF and SF coverage per RM and generator (random baselines included), with Wilson intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rms = summary["rms"]
-    gens = summary["generators"] + summary["baselines"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2 + 0.2 * len(rms)), sharey=True)
-    w = 0.8 / len(gens)
-    for ax, kind in zip(axes, ("cf", "sf")):
-        x = np.arange(len(rms))
-        for k, g in enumerate(gens):
-            cov = [summary["coverage"][rm][g] for rm in rms]
-            v = np.array([c[f"{kind}_coverage"] or 0.0 for c in cov])
-            lo = np.array([c[f"{kind}_coverage_ci"][0] or 0.0 for c in cov])
-            hi = np.array([c[f"{kind}_coverage_ci"][1] or 0.0 for c in cov])
-            ax.bar(x + (k - (len(gens) - 1) / 2) * w, v, width=w, yerr=np.clip(np.vstack([v - lo, hi - v]), 0, None), capsize=2,
-                   label=g, hatch="//" if g.startswith("random") else None)
-        ax.set_xticks(x, rms, rotation=15)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{kind.upper()} coverage")
-    axes[0].set_ylabel("share of comparisons")
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def render_markdown(summary: dict[str, Any], extra: dict[str, Any], plots: dict[str, str]) -> str:
-    """``contrastive.md``: coverage, sensitivity side by side, agreement, validity and examples."""
-    rms, gens = summary["rms"], summary["generators"]
-    allg = gens + summary["baselines"]
-    L = ["# Contrastive explanations", "",
-         f"{summary['n_comparisons']} comparisons (source: {extra.get('source', '?')}), RMs: {', '.join(rms)}; "
-         f"generators: {', '.join(gens)}; baselines: {', '.join(summary['baselines']) or 'none'}. "
-         "A counterfactual (CF) flips an RM's preference; a semifactual (SF) changes the attribute and keeps it. "
-         "Only perturbations that moved their attribute as intended (by its scorer) count.", ""]
-    L += ["| RM | prefers labelled chosen | ties |", "|---|---|---|"]
-    L += [f"| {rm} | {_fmt(summary['original']['share_preferring_chosen'][rm])} | {summary['original']['n_ties'][rm]} |"
-          for rm in rms]
-    L += ["", "## Coverage", "", f"![coverage]({plots.get('coverage', '')})", "",
-          "| RM | generator | CF coverage [95% CI] | SF coverage | CFs | closest CF (syntactic) | CF semantic dist. "
-          "| CF diversity (semantic) |", "|---|---|---|---|---|---|---|---|"]
-    for rm in rms:
-        for g in allg:
-            c = summary["coverage"][rm][g]
-            L.append(f"| {rm} | {g} | {_fmt(c['cf_coverage'])} [{_fmt(c['cf_coverage_ci'][0])}, "
-                     f"{_fmt(c['cf_coverage_ci'][1])}] | {_fmt(c['sf_coverage'])} | {c['n_cf']} | "
-                     f"{_fmt(c['closest_cf_syntactic_distance'])} | {_fmt(c['cf_semantic_distance'])} | "
-                     f"{_fmt(c['cf_diversity_semantic'])} |")
-    for g in gens:
-        L += ["", f"## Sensitivity: preference flip rate per attribute ({g})", "",
-              f"![pfr]({plots.get('pfr' if g == 'programmatic' else f'pfr_{g}', '')})", "",
-              "PFR with its 95% CI (comparisons resampled); in brackets, the PFR of random edits of the same "
-              "size and kind on the same responses.", "",
-              "| attribute | " + " | ".join(f"{rm}" for rm in rms) + " |", "|---|" + "---|" * len(rms)]
-        first = summary["sensitivity"][rms[0]][g]
-        for a in first["ranking"]:
-            cells = []
-            for rm in rms:
-                e = summary["sensitivity"][rm][g]["pfr"][a]
-                cells.append(_ci(e) + (f" (random {_fmt(e['random_pfr'])})" if e.get("random_pfr") is not None else ""))
-            L.append(f"| {a} | " + " | ".join(cells) + " |")
-        L.append("")
-        for rm in rms:
-            s = summary["sensitivity"][rm][g]
-            L.append(f"- **{rm}**: ranking {' > '.join(s['ranking'])}; sensitive beyond the random baseline to: "
-                     f"{', '.join(s['sensitive']) or 'none'}; local/global Kendall tau mean "
-                     f"{_fmt(s['local_global_tau']['mean'])} (n={s['local_global_tau']['n']}).")
-        if len(rms) > 1:
-            L += ["", "Kendall tau between RMs' attribute rankings: "
-                  + "; ".join(f"{k.replace('|', ' vs ')}: {_fmt(v)}" for k, v in summary["rank_agreement"][g].items())]
-    if summary["disagreement"]:
-        L += ["", "## Where the RMs disagree", ""]
-        for d in summary["disagreement"]:
-            a, b = d["rms"]
-            L.append(f"- **{a} vs {b}** ({d['generator']}): flip agreement {_fmt(d['flip_agreement'])} on "
-                     f"{d['n_candidates']} perturbed comparisons; both flip {d['n_both_flip']}, only {a} "
-                     f"{d[f'n_only_{a}']}, only {b} {d[f'n_only_{b}']}; largest PFR gaps: "
-                     + ", ".join(f"{x} ({_fmt(d['pfr_gap'][x])})" for x in d["largest_gaps"]) + ".")
-            for key in (f"examples_only_{a}_flips", f"examples_only_{b}_flips"):
-                for e in d[key][:1]:
-                    L.append(f"  - {key.replace('_', ' ')}: {e['attribute']} ({e['perturbed']}): "
-                             f"chosen {e['chosen']!r} / rejected {e['rejected']!r}")
-    L += ["", "## Validity of perturbations", "",
-          "| generator / attribute / direction | made | ok | moved as intended (scorer) | mean scorer change |",
-          "|---|---|---|---|---|"]
-    for k, v in summary["validity"].items():
-        L.append(f"| {k} | {v['n']} | {_fmt(v['ok_rate'])} | {_fmt(v['moved_rate'])} | {_fmt(v['mean_scorer_delta'])} |")
-    if summary.get("llm_parsing"):
-        for g, p in summary["llm_parsing"].items():
-            L.append(f"\nLLM replies of {g}: {p['n_ok']} parsed, {p['n_failed']} failed ({p['counts']}).")
-    L += ["", "## Representative examples", ""]
-    for rm in rms:
-        for g in gens:
-            for ex in summary["examples"][rm][g]:
-                c = ex["comparison"]
-                L += [f"### {rm} / {g}: {c['id']} (local/global tau {_fmt(ex['local_global_tau'])})", "",
-                      f"- prompt: {c['prompt']!r}", f"- chosen: {c['chosen']!r}", f"- rejected: {c['rejected']!r}",
-                      f"- margin {_fmt(ex['margin'])}; local ranking: {' > '.join(ex['local_ranking'])}", ""]
-                for kind, title in (("counterfactuals", "Counterfactuals"), ("semifactuals", "Semifactuals")):
-                    for e in ex[kind]:
-                        edits = "; ".join(f"{x['side']}: {x['before']!r} -> {x['after']!r}" for x in e["edits"][:3])
-                        L.append(f"  - {title[:-1]} [{e['attribute']}, {e['perturbed']}], margin {_fmt(e['margin'])}: "
-                                 f"{edits}")
-                L.append("")
-    return "\n".join(L) + "\n"
 
 
 def _log_tables(result: ContrastiveResult, summary: dict[str, Any], tracker: Any) -> None:

@@ -30,6 +30,12 @@ __all__ = [
     "edit_ops",
     "normalized_edit_distance",
     "sentences",
+    "article_for",
+    "fix_articles",
+    "article_errors",
+    "trim_last_clause",
+    "dangling_endings",
+    "close_orphaned_conjunctions",
 ]
 
 
@@ -129,6 +135,11 @@ def delete_phrases(text: str, patterns: Sequence[str]) -> EditResult | None:
     if new.strip() and text.strip()[:1].isupper():
         body = new[len(lead):]
         new = lead + body[:1].upper() + body[1:]
+    # A sentence whose first words were deleted starts with a capital again ("I suppose it is" -> "It is").
+    was_lower = {m.group(2) for m in re.finditer(r"([.!?]\s+)([a-z][\w']*)", text)}
+    new = re.sub(r"([.!?]\s+)([a-z][\w']*)",
+                 lambda m: m.group(0) if m.group(2) in was_lower else m.group(1) + m.group(2)[:1].upper() + m.group(2)[1:],
+                 new)
     return EditResult(new, tuple(edits))
 
 
@@ -247,3 +258,160 @@ def normalized_edit_distance(a: str, b: str) -> float:
     """Word edit distance divided by the longer length: 0 (same) to 1 (nothing in common)."""
     n = max(len(words(a)), len(words(b)))
     return 0.0 if n == 0 else word_edit_distance(a, b) / n
+
+
+# ----------------------------------------------------------------------------------------------
+# Articles: "a amazing" -> "an amazing", "An boring" -> "A boring"
+_AN_BEFORE_CONSONANT = re.compile(r"^(?:hour|honest|honou?r|heir|herb)", re.I)  # silent h: "an hour"
+# Vowel letters with a consonant sound: "a unique", "a useful", "a European", "a one-off", "a once".
+_A_BEFORE_VOWEL = re.compile(r"^(?:uni(?![nmdl])|use|usu|usa|uti|ura|uro|uku|ubiq|eu|ewe|one(?!r|ss)|once)", re.I)
+_AN_NUMBER = re.compile(r"^(?:8|1[18](?:\d\d)?(?![\d])|1[18],\d{3})")  # "an 8", "an 11", "an 18th", "an 1800s"
+_ARTICLE_RE = re.compile(r"(?<![\w'-])(a|an|A|An|AN)(\s+)([\"'(]?)([A-Za-z0-9][\w'-]*)")
+
+
+def article_for(word: str) -> str | None:
+    """``"a"`` or ``"an"`` for the word that follows the article; None when unsure (acronyms, symbols)."""
+    w = word.strip("\"'(")
+    if not w:
+        return None
+    if w[0].isdigit():
+        return "an" if _AN_NUMBER.match(w) else "a"
+    if len(w) > 1 and w.isupper():
+        return None  # "an MBA", "a NATO": by letter names, not worth guessing
+    if _AN_BEFORE_CONSONANT.match(w):
+        return "an"
+    if _A_BEFORE_VOWEL.match(w):
+        return "a"
+    return "an" if w[0].lower() in "aeiou" else "a"
+
+
+def _article_mismatches(text: str) -> list[tuple[re.Match, str]]:
+    out = []
+    for m in _ARTICLE_RE.finditer(text):
+        art, word = m.group(1), m.group(4)
+        if art[0] == "A" and not _sentence_start(text, m.start()):
+            continue  # "Plan A is", "grade A eggs": a capital A mid-sentence is a letter, not the article
+        want = article_for(word)
+        if want is not None and want != art.lower():
+            out.append((m, want))
+    return out
+
+
+def _sentence_start(text: str, pos: int) -> bool:
+    before = text[:pos].rstrip()
+    return not before or before[-1] in ".!?\"'\n:"
+
+
+def article_errors(text: str, original: str | None = None) -> list[str]:
+    """``"a amazing"``-style disagreements in ``text`` (those already in ``original`` excepted)."""
+    known = {m.group(0).lower() for m, _ in _article_mismatches(original)} if original is not None else set()
+    return [m.group(0) for m, _ in _article_mismatches(text) if m.group(0).lower() not in known]
+
+
+def fix_articles(text: str, original: str | None = None) -> EditResult:
+    """Make each article agree with the next word; mismatches already in ``original`` are left alone.
+
+    >>> fix_articles("It was a amazing film. An boring one too.").text
+    'It was an amazing film. A boring one too.'
+    """
+    known = {m.group(0).lower() for m, _ in _article_mismatches(original)} if original is not None else set()
+    out, edits, pos = [], [], 0
+    for m, want in _article_mismatches(text):
+        if m.group(0).lower() in known:
+            continue
+        art = m.group(1)
+        new = want.upper() if art.isupper() and len(art) > 1 else (want.capitalize() if art[0].isupper() else want)
+        out.append(text[pos : m.start(1)])
+        out.append(new)
+        edits.append(Edit("replace", art, new, m.start(1)))
+        pos = m.end(1)
+    out.append(text[pos:])
+    return EditResult("".join(out), tuple(edits))
+
+
+# ----------------------------------------------------------------------------------------------
+# Clauses: trim whole clauses only, and spot a clause cut mid-way
+_CLAUSE_STARTERS = frozenset(
+    "the a an i it he she they we you this that these those there my his her their its our your one "
+    "nothing everything someone everyone no some each".split())
+_CONJUNCTIONS = ("and", "but", "while", "because", "although", "though", "so", "yet", "whereas")
+# Words a sentence cannot end on: determiners, prepositions, conjunctions, auxiliaries, pronoun objects-to-be.
+_DANGLING = frozenset(
+    "the a an and or but nor so yet to of at by for with from into onto about than as which whom "
+    "whose where when while because although though if is are was were be been being am has have had do does did "
+    "will would can could should shall may might must my your his her their our its very every each "
+    "such".split())
+
+
+_ORPHAN_CONJUNCTION = re.compile(r"\b(?:and|but|or|so|because|while|although)\s*,?\s+[A-Z][a-z]")
+_AUXILIARIES = frozenset("is are was were be been am has have had do does did will would can could should shall may "
+                         "might must".split())
+_SUBJECTS = frozenset("i you he she it we they this that there who what which so".split())
+
+
+def trim_last_clause(text: str) -> EditResult | None:
+    """Drop the last whole sentence, or else the last clause of a single sentence (after a comma, semicolon,
+    colon, or a conjunction that starts a new clause: "... delicious and the staff were friendly." ->
+    "... delicious."). None when the text is one clause: cutting it would leave it unfinished."""
+    spans = sentences(text)
+    if len(spans) >= 2:
+        s, e = spans[-1]
+        return EditResult(text[:s].rstrip() + text[e:], (Edit("delete", text[s:e], "", s),))
+    if not spans:
+        return None
+    s, e = spans[0]
+    seg = text[s:e]
+    m_end = re.search(r"[.!?]+$", seg)
+    body_end = s + (m_end.start() if m_end else len(seg))
+    final = m_end.group(0) if m_end else ""
+    cuts: list[int] = []
+    for m in re.finditer(r"[,;:]\s+", text[s:body_end]):
+        cuts.append(s + m.start())
+    conj = "|".join(_CONJUNCTIONS)
+    for m in re.finditer(rf"\s+(?:{conj})\s+([\w']+)", text[s:body_end], re.I):
+        if m.group(1).lower() in _CLAUSE_STARTERS:
+            cuts.append(s + m.start())
+    for cut in sorted(set(cuts), reverse=True):
+        kept = text[:cut].rstrip(" ,;:")
+        kept_words = words(kept[s:])
+        if len(kept_words) < 3 or len(words(text[cut:body_end])) < 2:
+            continue
+        if kept_words[-1].strip("\"'()").lower() in _DANGLING:
+            continue
+        new = kept + (final or ".") + text[e:]
+        return EditResult(new, (Edit("delete", text[len(kept):body_end], "", len(kept)),))
+    return None
+
+
+def close_orphaned_conjunctions(text: str, original: str) -> str:
+    """After a deletion: a conjunction left before a new sentence ends the clause instead
+    ("by mistake, and It is not good." -> "by mistake. It is not good."); matches already in
+    ``original`` are left alone."""
+    known = {m.group(0) for m in _ORPHAN_CONJUNCTION.finditer(original)}
+    return re.sub(r",?\s+(?:and|but|or|so|because|while|although)\s*,?\s+(?=[A-Z][a-z])",
+                  lambda m: m.group(0) if any(m.group(0).strip(" ,") in k for k in known) else ". ", text)
+
+
+def dangling_endings(text: str, original: str | None = None) -> list[str]:
+    """Sentences of ``text`` that end on a word a sentence cannot end on ("... the staff were.") or that
+    start in lower case after a full stop; those already in ``original`` are excepted."""
+
+    def problems(t: str) -> list[str]:
+        out = []
+        for k, (s, e) in enumerate(sentences(t)):
+            seg = t[s:e].strip()
+            ws = [w.strip("\"'()[],;:.!?") for w in words(seg)]
+            ws = [w for w in ws if w]
+            last = ws[-1].lower() if ws else ""
+            prev = ws[-2].lower() if len(ws) > 1 else ""
+            # "... the staff were." is cut; "... as it were." / "that is what it was." end whole.
+            if seg[-1:] in ".!?" and last in _DANGLING and not (last in _AUXILIARIES and prev in _SUBJECTS):
+                out.append(seg)
+            elif _ORPHAN_CONJUNCTION.search(seg):  # "... by mistake, and It is not good.": a clause cut out
+                out.append(seg)
+            elif k > 0 and seg[:1].islower():
+                out.append(seg)
+        return out
+
+    known = set(problems(original)) if original is not None else set()
+    return [p for p in problems(text) if p not in known]

@@ -83,8 +83,13 @@ def parse_rm_spec(spec: str) -> tuple[str, dict[str, Any]]:
         elif not p.exists() and spec.count("/") == 1 and not spec.startswith((".", "/")):
             kind, arg = "classifier", spec  # a hub name
         else:
+            import difflib
+
             what = "exists but is none of a lexicon file, a probe, a classifier or a run directory" \
                 if p.exists() else "is no file, directory, hub name (org/name) or KIND:ARG"
+            close = difflib.get_close_matches(spec.lower(), ["vader", *kinds], n=1)
+            if close and not p.exists():
+                what += f" (did you mean {close[0]!r}?)"
             raise ValueError(f"RM spec {spec!r} {what}. Valid forms: 'vader', 'PATH.tsv', 'classifier:DIR_OR_HUB', "
                              f"'probe:DIR', 'logratio:RUN_DIR'; registered kinds: {kinds}.")
     if not arg:
