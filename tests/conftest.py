@@ -52,3 +52,21 @@ def seeded():
     from irm.run.rundir import seed_everything
 
     seed_everything(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` compare results on a GPU with the CPU's; without CUDA they cannot run, so they
+    are deselected (not skipped) and the header says so. ``benchmarks/gpu_check.sh`` runs them on a GPU."""
+    if torch.cuda.is_available():
+        return
+    gpu = [i for i in items if i.get_closest_marker("cuda")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [i for i in items if not i.get_closest_marker("cuda")]
+        config._irm_cuda_deselected = len(gpu)
+
+
+def pytest_report_header(config):
+    if not torch.cuda.is_available():
+        return "no CUDA here: tests marked 'cuda' are deselected (benchmarks/gpu_check.sh runs them on a GPU)"
+    return None
