@@ -380,6 +380,17 @@ _WEIGHTED: dict[Callable[..., float], Callable[[np.ndarray, np.ndarray, np.ndarr
 }
 
 
+def register_weighted(metric_fn: Callable[..., float],
+                      weighted_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> None:
+    """Give :func:`bootstrap_ci` a vectorised form of ``metric_fn``: ``weighted_fn(y_true, y_pred, w)``
+    returns the metric of every resample at once from its item multiplicities ``w`` [n_boot, n] (float),
+    nan where undefined. It must equal ``metric_fn`` on the resampled items (copies of one item
+    included); the resamples are then the same as the loop's."""
+    if not (callable(metric_fn) and callable(weighted_fn)):
+        raise TypeError("register_weighted takes two callables: the metric and its weighted form")
+    _WEIGHTED[metric_fn] = weighted_fn
+
+
 _RANK_METRICS: dict[str, Callable[..., float]] = {
     "kendall_tau": kendall_tau,
     "spearman": spearman,

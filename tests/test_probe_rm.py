@@ -219,3 +219,121 @@ def test_pair_accuracy_counts_prompts_ties_and_skips_explicit_ties():
     acc, n, ties = _pair_accuracy(y, p, g)
     # prompt 0 agrees, 1 agrees (both decreasing), 2 is an explicit tie (left out), 3 is a source tie (1/2)
     assert (n, ties) == (3, 1) and acc == pytest.approx(2.5 / 3)
+
+
+def _loop_by_prompt_ci(y, p, group, *, n_boot, seed):
+    """The resampling loop the vectorised CI replaces (prompts drawn with replacement, metric recomputed)."""
+    from irm.implicit.sequence import _pair_accuracy
+
+    rng = np.random.default_rng(seed)
+    gs = np.unique(group)
+    rows = {g: np.nonzero(group == g)[0] for g in gs}
+    vals = []
+    for _ in range(n_boot):
+        pick = rng.choice(gs, size=len(gs), replace=True)
+        idx = np.concatenate([rows[g] for g in pick])
+        new_group = np.concatenate([np.full(len(rows[g]), k) for k, g in enumerate(pick)])
+        v = _pair_accuracy(y[idx], p[idx], new_group)[0]
+        if np.isfinite(v):
+            vals.append(v)
+    return np.quantile(vals, [0.025, 0.975])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prompt_bootstrap_equals_the_resampling_loop(seed):
+    from irm.implicit.sequence import _by_prompt_ci, _pair_accuracy
+
+    rng = np.random.default_rng(seed)
+    # 25 two-response prompts, a one-response prompt and a three-response one (never counted), shuffled.
+    g = np.concatenate([np.repeat(np.arange(25), 2), [90, 91, 91, 91]])
+    rng.shuffle(g)
+    y = rng.integers(-2, 3, len(g)).astype(float)
+    p = y + rng.normal(0, 1.5, len(g))
+    p[::6] = p[0]  # some ties of the prediction
+    got = _by_prompt_ci(y, p, g, n_boot=400, seed=seed)
+    assert got["value"] == _pair_accuracy(y, p, g)[0] and got["n"] == 27
+    assert [got["low"], got["high"]] == pytest.approx(_loop_by_prompt_ci(y, p, g, n_boot=400, seed=seed), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auc_bootstrap_vectorised_equals_the_loop(seed):
+    import probes.metrics as pm
+    from probes import bootstrap_ci
+
+    from irm.implicit.reconstruct import auc
+
+    rng = np.random.default_rng(seed)
+    y = rng.choice([-2.0, -1.0, 0.0, 1.0, 2.0], 120)
+    p = y + rng.normal(0, 1, 120)
+    p[::4] = np.round(p[::4])  # ties across classes
+    fast = bootstrap_ci(auc, y, p, n_boot=300, seed=seed)
+    weighted = pm._WEIGHTED.pop(auc)
+    try:
+        slow = bootstrap_ci(auc, y, p, n_boot=300, seed=seed)
+    finally:
+        pm._WEIGHTED[auc] = weighted
+    assert fast.value == slow.value
+    assert (fast.low, fast.high) == pytest.approx((slow.low, slow.high), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared log-probability memo (irm.models.memo): one forward pass serves the probe, the log-ratio
+# IRM and the fluency check.
+def _texts(tiny_irm):
+    samples = tiny_irm.state["samples"][:5]
+    prompts = [s["prompt"] for s in samples] * 2
+    return prompts, [s["base"] for s in samples] + [s["tuned"] for s in samples]
+
+
+def test_logratio_reads_what_the_probe_capture_left_and_scores_the_same(tiny_irm, monkeypatch):
+    import irm.implicit.logratio as lr
+    from irm.models.memo import logprob_memo, sharing_logprobs
+
+    probe, logratio = tiny_irm.state["irms"]["irm_linear"], tiny_irm.state["irms"]["irm_logratio"]
+    pair = probe.pair
+    prompts, responses = _texts(tiny_irm)
+    plain = logratio.score(prompts, responses)
+    probe_plain = probe.score(prompts, responses)
+    calls = []
+    real = lr.response_logprobs
+    monkeypatch.setattr(lr, "response_logprobs", lambda m, p, r, **kw: calls.append(m) or real(m, p, r, **kw))
+    with sharing_logprobs(pair.base, pair.tuned):
+        np.testing.assert_array_equal(probe.score(prompts, responses), probe_plain)  # activations unchanged
+        memo = logprob_memo(pair.base)
+        assert memo is not None and (prompts[0], responses[0]) in memo
+        shared = logratio.score(prompts, responses)
+    # The log-ratio IRM ran no model the probe reads (their texts came from the probe's capture), only the
+    # other one (the tiny run's probe reads the base model alone).
+    assert probe.meta.roles and set(map(id, calls)) == {id(getattr(pair, r)) for r in ("base", "tuned")
+                                                        if r not in probe.meta.roles}
+    np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-6)
+    assert logprob_memo(pair.base) is None and logprob_memo(pair.tuned) is None  # gone with the block
+    # Each entry equals the log-ratio path's own sum over the response tokens.
+    other = next(r for r in ("base", "tuned") if r not in probe.meta.roles or len(probe.meta.roles) == 2)
+    with sharing_logprobs(getattr(pair, other)):
+        probe.score(prompts[:1], responses[:1])  # a probe model without a memo: the probe leaves nothing
+        assert logprob_memo(getattr(pair, other)) == {}
+
+
+def test_logprob_sums_store_only_untruncated_texts_and_fluency_reuses_them(tiny_irm, monkeypatch):
+    import irm.implicit.logratio as lr
+    from irm.contrastive.fluency import LMFluency
+    from irm.models.memo import logprob_memo, sharing_logprobs
+
+    base = tiny_irm.state["irms"]["irm_linear"].pair.base
+    prompts, responses = _texts(tiny_irm)
+    lps = lr.response_logprobs(base, prompts, responses)
+    with sharing_logprobs(base):
+        sums, counts = lr.response_logprob_sums(base, prompts, responses)
+        np.testing.assert_allclose(sums, [lp.sum() for lp in lps], rtol=1e-12)
+        assert list(counts) == [len(lp) for lp in lps]
+        n_tok = len(base.tokenizer(prompts[0] + responses[0])["input_ids"])
+        lr.response_logprob_sums(base, ["a b c d e f g h"], [" i j k l"], max_length=4)  # cut at 4 tokens
+        assert ("a b c d e f g h", " i j k l") not in logprob_memo(base)
+        monkeypatch.setattr(lr, "response_logprobs", lambda *a, **k: pytest.fail("the memo should serve these"))
+        ppl = LMFluency(base, cache=False).perplexity(prompts, responses)
+        np.testing.assert_allclose(ppl, np.exp(-sums / counts), rtol=1e-12)
+        # A reader with a smaller max_length than a stored text computes that text itself.
+        monkeypatch.setattr(lr, "response_logprobs", lambda m, p, r, **kw: [np.zeros(1)] * len(p))
+        got, _ = lr.response_logprob_sums(base, prompts[:1], responses[:1], max_length=n_tok - 1)
+        assert got[0] == 0.0

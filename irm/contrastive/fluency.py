@@ -130,19 +130,20 @@ class LMFluency:
         return np.array([self._memo[k] for k in keys], dtype=np.float64)
 
     def _compute(self, prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
-        from irm.implicit.logratio import response_logprobs
+        from irm.implicit.logratio import response_logprob_sums
 
         m = self._load()
         # The perturbations of one response share its prompt and most of its text: scored through the
         # log-ratio IRM's shared-prefix path, each shared beginning runs once (checked against full passes).
+        # Inside irm.models.memo.sharing_logprobs the sums are left for the log-ratio IRM to reuse.
         out = np.full(len(texts), np.nan)
         idx = [i for i, t in enumerate(texts) if t.strip()]
         if idx:
-            lps = response_logprobs(m, [prompts[i] for i in idx], [texts[i] for i in idx],
-                                    batch_size=self.batch_size, max_length=self.max_tokens)
-            for i, lp in zip(idx, lps, strict=True):
-                if len(lp):
-                    out[i] = math.exp(-float(np.mean(lp)))
+            sums, counts = response_logprob_sums(m, [prompts[i] for i in idx], [texts[i] for i in idx],
+                                                 batch_size=self.batch_size, max_length=self.max_tokens)
+            for i, total, n in zip(idx, sums, counts, strict=True):
+                if n:
+                    out[i] = math.exp(-float(total) / int(n))
         return out
 
     def _compute_unshared(self, prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:

@@ -286,10 +286,16 @@ def run_contrastive(ctx: RunContext, cfg: ContrastiveConfig | None = None) -> Co
             m = ctx.cfg.models
             ctx.base = load_model(m.base, device=m.device, dtype=m.dtype, revision=m.revision)
         fluency = LMFluency(ctx.base)
-    result = explain(comps, rms, attributes=cfg.attributes or None, generators=gens, targets=cfg.targets,
-                     n_variants=cfg.n_variants, random_baseline=cfg.random_baseline, limits=limits,
-                     embedder="minilm" if cfg.semantic else None, seed=seed, n_bootstrap=cfg.n_bootstrap,
-                     n_examples=cfg.n_examples, fluency=fluency, max_perplexity_ratio=cfg.max_perplexity_ratio)
+    from irm.models.memo import sharing_logprobs
+
+    # The fluency check, the probe IRM and the log-ratio IRM score the same texts with the same models:
+    # each response's log-probabilities are computed once (the probe's capture computes them in its pass).
+    pair_models = (ctx.pair.base, ctx.pair.tuned) if ctx.pair is not None else ()
+    with sharing_logprobs(ctx.base, *pair_models):
+        result = explain(comps, rms, attributes=cfg.attributes or None, generators=gens, targets=cfg.targets,
+                         n_variants=cfg.n_variants, random_baseline=cfg.random_baseline, limits=limits,
+                         embedder="minilm" if cfg.semantic else None, seed=seed, n_bootstrap=cfg.n_bootstrap,
+                         n_examples=cfg.n_examples, fluency=fluency, max_perplexity_ratio=cfg.max_perplexity_ratio)
     extra = {"source": source, "seconds": time.perf_counter() - t0}
     for g in gens:
         stats = getattr(getattr(g, "llm", None), "stats", None)

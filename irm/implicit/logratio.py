@@ -25,7 +25,7 @@ from irm.rewards.base import BaseRewardModel, register_reward_model
 
 log = get_logger(__name__)
 
-__all__ = ["response_logprobs", "token_log_ratios", "LogRatioRM"]
+__all__ = ["response_logprobs", "response_logprob_sums", "token_log_ratios", "LogRatioRM"]
 
 
 @torch.no_grad()
@@ -54,6 +54,42 @@ def response_logprobs(
     with unwrapped(model.hf_model):  # no TransformerBridge wrappers: scoring needs no hook
         return _response_logprobs(model, prompts, responses, batch_size=batch_size, max_length=max_length,
                                   share_prefix=share_prefix)
+
+
+def response_logprob_sums(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 32,
+                          max_length: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(sums, counts)``: per (prompt, response), the sum of its response tokens' log-probabilities
+    (:func:`response_logprobs`) and how many tokens there are.
+
+    Inside :func:`irm.models.memo.sharing_logprobs` texts another scorer already ran through ``model``
+    (the fluency check, the probe IRM's capture) are read from the memo, and what this call computes
+    is added to it (texts cut at ``max_length`` are neither read nor stored).
+    """
+    from irm.models.memo import LogprobEntry, logprob_memo
+
+    prompts, responses = list(prompts), list(responses)
+    sums, counts = np.zeros(len(prompts)), np.zeros(len(prompts), dtype=np.int64)
+    memo = logprob_memo(model)
+    n_tok: list[int] = []
+    if memo is not None:
+        enc = model.tokenizer([p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=True,
+                              truncation=False)
+        n_tok = [len(x) for x in enc["input_ids"]]
+    todo = []
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        e = memo.get((p, r)) if memo is not None else None
+        if e is not None and e.n_tokens <= max_length:
+            sums[i], counts[i] = e.total, e.n
+        else:
+            todo.append(i)
+    if todo:
+        lps = response_logprobs(model, [prompts[i] for i in todo], [responses[i] for i in todo],
+                                batch_size=batch_size, max_length=max_length)
+        for i, lp in zip(todo, lps, strict=True):
+            sums[i], counts[i] = float(np.sum(lp)), len(lp)
+            if memo is not None and n_tok[i] <= max_length:
+                memo[prompts[i], responses[i]] = LogprobEntry(float(sums[i]), int(counts[i]), n_tok[i])
+    return sums, counts
 
 
 def _response_logprobs(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
@@ -415,9 +451,18 @@ class LogRatioRM(BaseRewardModel):
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         self._check_batch(prompts, responses)
-        ratios = token_log_ratios(self.pair, prompts, responses, beta=self.beta, batch_size=self.batch_size)
-        agg = np.mean if self.length_normalise else np.sum
-        return np.array([float(agg(r)) if len(r) else 0.0 for r in ratios])
+        from irm.core.threads import run_side_by_side
+
+        # Sums only (the per-token ratios are token_log_ratios): read from the pair's shared memo where
+        # another scorer of these texts already ran the models (irm.models.memo.sharing_logprobs).
+        pair, kw = self.pair, {"batch_size": self.batch_size}
+        (st, n), (sb, _) = run_side_by_side([lambda: response_logprob_sums(pair.tuned, prompts, responses, **kw),
+                                             lambda: response_logprob_sums(pair.base, prompts, responses, **kw)],
+                                            [pair.tuned, pair.base])
+        total = self.beta * (st - sb)
+        if self.length_normalise:
+            return np.where(n > 0, total / np.maximum(n, 1), 0.0)
+        return np.where(n > 0, total, 0.0)
 
 
 

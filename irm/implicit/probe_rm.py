@@ -140,13 +140,42 @@ class ProbeRM(BaseRewardModel):
             total = u if total is None else total + u
         return total.numpy()
 
-    def _capture(self, records: list[CaptureRecord], positions: str):
+    def _capture(self, records: list[CaptureRecord], positions: str, *, logprobs: bool = False):
         tmp = tempfile.TemporaryDirectory(prefix="irm-probe-")
         store = capture_activations(self._roles, records, Path(tmp.name) / "store", hooks=self.meta.hooks,
                                     positions=positions, batch_size=self.meta.batch_size, shard_size=4096,
                                     max_length=self.meta.max_length, dataset={"source": f"probe {self.name}"},
-                                    share_prefix=True)
+                                    share_prefix=True, logprobs=logprobs)
         return tmp, store
+
+    def _logprob_counts(self, records: list[CaptureRecord]) -> list[tuple[int, int]] | None:
+        """Per record (response tokens, all tokens) when the models share a log-probability memo
+        (:func:`irm.models.memo.sharing_logprobs`) and every record can be scored untruncated; else None."""
+        from irm.models.memo import logprob_memo
+
+        if not records or any(logprob_memo(m) is None for m in self._roles.values()):
+            return None
+        tok = next(iter(self._roles.values())).tokenizer
+        enc = tok([r.text for r in records], add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+        out = []
+        for r, offs in zip(records, enc["offset_mapping"], strict=True):
+            offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+            n = int((offs[1:, 1] > r.prompt_chars).sum())  # response tokens; the first has no context
+            if n == 0 or len(offs) > self.meta.max_length:
+                return None
+            out.append((n, len(offs)))
+        return out
+
+    def _publish_logprobs(self, store, records: list[CaptureRecord], counts: list[tuple[int, int]]) -> None:
+        """Leave the capture's response log-probabilities in the models' memo for the log-ratio IRM and the
+        fluency check (one forward pass serves the probe and them)."""
+        from irm.models.memo import LogprobEntry, logprob_memo
+
+        for role, m in self._roles.items():
+            memo = logprob_memo(m)
+            for r, total, (n, n_tokens) in zip(records, store.logprobs(role), counts, strict=True):
+                p = r.text[: r.prompt_chars]
+                memo[p, r.text[r.prompt_chars :]] = LogprobEntry(float(total), n, n_tokens)
 
     # -------------------------------------------------------------------------------------------
     def utilities_of_words(self, words: Sequence[str]) -> np.ndarray:
@@ -174,10 +203,13 @@ class ProbeRM(BaseRewardModel):
         if not keep:
             return out
         records = [CaptureRecord(prompts[i] + responses[i], prompt_chars=len(prompts[i])) for i in keep]
-        tmp, store = self._capture(records, "words")
+        counts = self._logprob_counts(records)
+        tmp, store = self._capture(records, "words", logprobs=counts is not None)
         with tmp:
             u = self._utility(store) - self.meta.neutral_utility
             index = store.index()
+            if counts is not None:
+                self._publish_logprobs(store, records, counts)
         text_of_row, pos_of_row = index["text"], index["pos"]
         for j, i in enumerate(keep):
             rows = np.nonzero(text_of_row == j)[0]

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from probes import RidgeProbe, bootstrap_ci, kendall_tau, pairwise_accuracy, sign_agreement, spearman
+from probes.metrics import register_weighted
 
 __all__ = ["WordData", "SourceResult", "reconstruct", "rescale", "rescale_factor", "recovered", "cv_tau_interval", "RECOVERED_TOL",
            "BADLY_WRONG_MIN", "PROBE_KINDS", "auc"]
@@ -132,6 +133,22 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
 
     r = rankdata(np.concatenate([pos, neg]))
     return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _auc_weighted(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """:func:`auc` of every bootstrap resample at once (``w``: [n_boot, n] item multiplicities): the
+    Mann-Whitney count over (positive, negative) pairs, a tie counting half, weighted by both
+    multiplicities (a copy of an item never pairs with itself: it has one sign)."""
+    pos, neg = (y > 0).astype(np.float64), (y < 0).astype(np.float64)
+    beats = (p[:, None] > p[None, :]) + 0.5 * (p[:, None] == p[None, :])
+    m = pos[:, None] * neg[None, :] * beats
+    num = np.einsum("bi,bi->b", w @ m, w)
+    den = (w @ pos) * (w @ neg)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+register_weighted(auc, _auc_weighted)
 
 
 def _metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, dict[str, float]]:

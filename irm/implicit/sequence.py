@@ -110,22 +110,41 @@ def _pair_accuracy(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[flo
     return (agree / n if n else float("nan")), n, ties
 
 
-def _by_prompt_ci(fn, y: np.ndarray, p: np.ndarray, group: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
-    """Point value and a bootstrap CI resampling prompts (both responses of a prompt go together)."""
+def _pair_scores(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group of ``np.unique(group)``: (groups, counted, score): a group counts when it holds two
+    responses that ``y`` orders; its score is 1 (``p`` agrees), 0.5 (``p`` ties) or 0."""
+    gs, inverse, sizes = np.unique(group, return_inverse=True, return_counts=True)
+    counted, score = np.zeros(len(gs)), np.zeros(len(gs))
+    first = np.full(len(gs), -1)
+    for i, k in enumerate(inverse):  # the first and second row of each group, in row order
+        if sizes[k] != 2:
+            continue
+        if first[k] < 0:
+            first[k] = i
+            continue
+        dy, dp = np.sign(y[i] - y[first[k]]), np.sign(p[i] - p[first[k]])
+        if dy != 0:
+            counted[k] = 1.0
+            score[k] = 0.5 if dp == 0 else float(dp == dy)
+    return gs, counted, score
+
+
+def _by_prompt_ci(y: np.ndarray, p: np.ndarray, group: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """Pairwise accuracy (:func:`_pair_accuracy`) and a bootstrap CI resampling prompts (both responses
+    of a prompt go together). A resample is a multiset of prompts, so all resamples are one matrix
+    product of the prompts' multiplicities with their scores."""
     rng = np.random.default_rng(seed)
-    gs = np.unique(group)
-    rows = {g: np.nonzero(group == g)[0] for g in gs}
-    value = fn(y, p, group)
-    vals = []
-    for _ in range(n_boot):
-        pick = rng.choice(gs, size=len(gs), replace=True)
-        idx = np.concatenate([rows[g] for g in pick])
-        new_group = np.concatenate([np.full(len(rows[g]), k) for k, g in enumerate(pick)])
-        v = fn(y[idx], p[idx], new_group)
-        if np.isfinite(v):
-            vals.append(v)
-    low, high = (np.quantile(vals, [0.025, 0.975]) if vals else (np.nan, np.nan))
-    return {"value": float(value), "low": float(low), "high": float(high), "n": int(len(gs))}
+    gs, counted, score = _pair_scores(y, p, group)
+    value = _pair_accuracy(y, p, group)[0]
+    n = len(gs)
+    # One [n_boot, n] draw consumes the generator as n_boot draws of n (the same resamples as a loop).
+    pick = rng.choice(n, size=(n_boot, n), replace=True)
+    mult = np.bincount((np.arange(n_boot)[:, None] * n + pick).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+    den = mult @ counted
+    num = mult @ (counted * score)
+    vals = num[den > 0] / den[den > 0]
+    low, high = (np.quantile(vals, [0.025, 0.975]) if len(vals) else (np.nan, np.nan))
+    return {"value": float(value), "low": float(low), "high": float(high), "n": int(n)}
 
 
 def _metrics(y, p, group, *, n_boot, seed) -> dict[str, Any]:
@@ -135,8 +154,7 @@ def _metrics(y, p, group, *, n_boot, seed) -> dict[str, Any]:
     acc, n_pairs, ties = _pair_accuracy(y, p, group)
     return {
         "kendall_tau": bootstrap_ci(kendall_tau, y, p, n_boot=n_boot, seed=seed).to_dict(),
-        "pairwise_accuracy": _by_prompt_ci(lambda a, b, g: _pair_accuracy(a, b, g)[0], y, p, group,
-                                           n_boot=n_boot, seed=seed),
+        "pairwise_accuracy": _by_prompt_ci(y, p, group, n_boot=n_boot, seed=seed),
         "n_pairs": n_pairs, "n_ties": ties,
     }
 

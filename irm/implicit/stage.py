@@ -327,7 +327,9 @@ def _stage_irm(ctx: RunContext) -> None:
     beta = cfg.beta or float(ctx.state.get("tune_beta") or 0.04)
     probe_rm, probe_info = save_probe(ctx, data, results, rm, hooks=hooks, n_boot=cfg.n_boot, templates=templates)
     section["probe"] = probe_info
-    irms = {"irm_logratio": LogRatioRM(ctx.pair, beta=beta), "irm_linear": probe_rm}
+    # The probe first: where later stages share log-probabilities (irm.models.memo), its capture computes
+    # them in the same pass as its activations, and the log-ratio IRM then runs no model.
+    irms = {"irm_linear": probe_rm, "irm_logratio": LogRatioRM(ctx.pair, beta=beta)}
     ctx.state["irms"] = irms
     ctx.state["irm_data"] = data
     ctx.state["irm_results"] = results
