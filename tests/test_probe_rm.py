@@ -258,9 +258,8 @@ def test_prompt_bootstrap_equals_the_resampling_loop(seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_auc_bootstrap_vectorised_equals_the_loop(seed):
     import probes.metrics as pm
-    from probes import bootstrap_ci
-
     from irm.implicit.reconstruct import auc
+    from probes import bootstrap_ci
 
     rng = np.random.default_rng(seed)
     y = rng.choice([-2.0, -1.0, 0.0, 1.0, 2.0], 120)
