@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -376,9 +377,9 @@ def test_llm_rewrite_on_the_local_default_llm(smollm2, vader, sample30, tmp_path
     made = [s["validity"][f"llm_rewrite/sentiment/{d}"] for d in "+-"]
     assert [v["n"] for v in made] == [2, 2]  # chosen and rejected, in each direction
     plog = s["llm_parsing"]["llm_rewrite"]
-    assert plog["counts"]["choices"]["ok"] + plog["counts"]["choices"]["failed"] == 4
+    assert gen.step1 == "scored" and plog["counts"]["letter (scored)"] == {"ok": 4, "failed": 0}
     words = plog["counts"].get("word", {"ok": 0, "failed": 0})
-    assert llm.stats.misses == 4 + words["ok"] + words["failed"]  # step 2: one call per chosen word
+    assert words["ok"] >= 0.9 * (words["ok"] + words["failed"]) > 0  # step 2 replies that parse (issue #21)
     # Validity is measured, not assumed: every rewrite that changed the text was judged by VADER.
     for v in made:
         assert v["ok"] + v["failed"] == 2 and v["scored"] == v["ok"]
@@ -589,7 +590,7 @@ def test_llm_rewrite_choices_format_over_an_openai_compatible_server(tiny_base, 
 
     with OpenAICompatibleServer(LocalChatLLM(tiny_base), model_name="tiny", max_requests=20) as srv:
         monkeypatch.setenv("IRM_LLM_BASE_URL", srv.base_url)
-        gen = LLMRewriteGenerator(OpenAICompatibleLLM("tiny", backoff_s=0.0), max_tokens=32)
+        gen = LLMRewriteGenerator(OpenAICompatibleLLM("tiny", backoff_s=0.0), max_tokens=32, step1="generate")
         assert gen.format == "choices"
         srv.inject(Fault(reply="1, 2, 7"),         # text 1: words 1 (boring) and 2 (slow); 7 is off the list
                    Fault(reply="I cannot say."),   # text 2: no number: failed, and shown
@@ -601,3 +602,58 @@ def test_llm_rewrite_choices_format_over_an_openai_compatible_server(tiny_base, 
         assert gen.parse_log.counts == {"choices": {"ok": 1, "failed": 1}, "word": {"ok": 2, "failed": 0}}
         asked = srv.requests[0]["body"]["messages"][-1]["content"]
         assert "1. boring" in asked and "2. and" not in asked and "more positive" in asked
+
+
+class _ScoringLLM:
+    """A client with token probabilities: step 1 of the rewrite is read off them (constrained), step 2 generated."""
+
+    name = "scoring-fake"
+
+    def __init__(self, prefer: dict[str, float], replies: dict[str, str]):
+        self.prefer, self.replies, self.asked = prefer, replies, []
+
+    def complete(self, messages, **kw):
+        return self.complete_many([messages], **kw)[0]
+
+    def complete_many(self, batch, **kw):
+        out = []
+        for m in batch:
+            word = re.search(r'Replace the word "([^"]+)"', m[-1]["content"])
+            out.append(self.replies.get(word.group(1), "I cannot.") if word else "1")  # step 1 generated: "1"
+        return out
+
+    def choice_logprobs(self, batch, choices):
+        self.asked += [m[-1]["content"] for m in batch]
+        rows = []
+        for m in batch:
+            listing = dict(re.findall(r"^([A-Z])\. (.+)$", m[-1]["content"], re.M))
+            rows.append([np.log(self.prefer.get(listing.get(c, ""), 0.01)) for c in choices])
+        return np.array(rows)
+
+
+def test_llm_rewrite_step1_scored_is_constrained_to_the_listed_words():
+    gen = LLMRewriteGenerator(_ScoringLLM({"boring": 0.6, "slow": 0.4, "film": 0.05}, {"boring": "gripping",
+                                                                                         "slow": "brisk"}))
+    assert gen.step1 == "scored"  # the client exposes probabilities: no reply to parse in step 1
+    (p,) = gen.perturb([" was a boring and slow film."], "sentiment", +1, seed=0)
+    # boring (most probable) and slow (0.4 >= 0.5 x 0.6); film (0.05) is left alone
+    assert p.ok and p.text == " was a gripping and brisk film." and p.meta["spans"] == ["boring", "slow"]
+    assert gen.parse_log.counts == {"letter (scored)": {"ok": 1, "failed": 0}, "word": {"ok": 2, "failed": 0}}
+    assert "A. boring" in gen.llm.asked[0] and "Reply only with its letter" in gen.llm.asked[0]
+    strict = LLMRewriteGenerator(gen.llm, pick_share=1.0)
+    assert strict.perturb([" was a boring and slow film."], "sentiment", +1)[0].meta["spans"] == ["boring"]
+    with pytest.raises(ValueError, match="step1"):
+        LLMRewriteGenerator(gen.llm, step1="guess")
+
+
+def test_llm_rewrite_step1_falls_back_to_generated_replies_without_token_probabilities():
+    from irm.llm import LLMError
+
+    class NoProbs(_ScoringLLM):
+        def choice_logprobs(self, batch, choices):
+            raise LLMError("this server returns no logprobs")
+
+    gen = LLMRewriteGenerator(NoProbs({}, {"boring": "gripping"}))
+    (p,) = gen.perturb([" was a boring and slow film."], "sentiment", +1, seed=0)
+    assert gen.step1 == "generate" and p.ok and p.text == " was a gripping and slow film."
+    assert gen.parse_log.counts == {"choices": {"ok": 1, "failed": 0}, "word": {"ok": 1, "failed": 0}}

@@ -165,3 +165,37 @@ def test_rms_against_humans_on_the_tweets(human_data, tmp_path):
     header, rows = human_eval_rows(res)
     assert len(rows) == 2 and len(rows[0]) == len(header)
     assert plot_human_eval(res, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_three_way_says_whom_the_irm_follows_where_the_rm_is_against_humans():
+    from irm.data.human import HumanCorpus
+    from irm.rewards.humans import three_way, three_way_rows
+
+    rng = np.random.default_rng(0)
+    n = 60
+    h = rng.uniform(-3, 3, n)
+    rm = h + rng.normal(0, 1.5, n)  # an RM that gets some pairs wrong
+    corpus = HumanCorpus("tweets", tuple(map(str, range(n))), tuple(f"text {i}" for i in range(n)), h,
+                         tuple(np.array([1]) for _ in range(n)), np.array(["test"] * n))
+    # An IRM that learned the RM exactly follows it everywhere; one that learned the humans never where
+    # the RM is against them.
+    same = three_way(corpus, rm, 2 * rm + 1, n_boot=200)
+    human = three_way(corpus, rm, h, n_boot=200)
+    assert same["irm_follows_rm_where_rm_is_against_humans"]["value"] == 1.0
+    assert human["irm_follows_rm_where_rm_is_against_humans"]["value"] == 0.0
+    assert human["irm_follows_rm_where_rm_is_with_humans"]["value"] == 1.0
+    # Direct count of the pairs the RM orders against the humans (means at least 0.5 apart).
+    against = sum(1 for i in range(n) for j in range(i + 1, n)
+                  if abs(h[i] - h[j]) >= 0.5 and np.sign(rm[i] - rm[j]) == -np.sign(h[i] - h[j]))
+    assert same["n_pairs_rm_against_humans"] == against > 0
+    m = same["rm_against_humans_share"]
+    assert m["low"] <= m["value"] <= m["high"]
+    ex = same["examples"]
+    assert ex and all(e["human_means"][0] > e["human_means"][1] and e["rm_scores"][0] < e["rm_scores"][1]
+                      and e["irm_follows"] == "RM" for e in ex)
+    assert len({t for e in ex for t in (e["human_preferred"], e["other"])}) == 2 * len(ex)  # distinct texts
+    assert [e["irm_follows"] for e in human["examples"]] == ["humans"] * len(human["examples"])
+    header, rows = three_way_rows({"irm_linear": {"tweets": same}})
+    assert len(rows) == 1 and rows[0][0] == "irm_linear" and len(rows[0]) == len(header)
+    with pytest.raises(ValueError, match="one length"):
+        three_way(corpus, rm[:-1], rm)

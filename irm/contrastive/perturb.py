@@ -50,6 +50,9 @@ from irm.contrastive.textops import (
     word_edit_distance,
     words,
 )
+from irm.core.log import get_logger
+
+log = get_logger(__name__)
 
 __all__ = [
     "Perturbation",
@@ -264,6 +267,31 @@ def _word_messages(text: str, attribute: Attribute, direction: int, word: str) -
             {"role": "user", "content": _word_prompt(text, attribute.description, attribute.hint(direction), word)}]
 
 
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _letter_prompt(text: str, name: str, description: str, hint: str, cands: list[str]) -> str:
+    listing = "\n".join(f"{_LETTERS[j]}. {w}" for j, w in enumerate(cands))
+    return (f"Attribute: {name} ({description}).\nText: \"{text.strip()}\"\nWords of the text:\n{listing}\n"
+            f"Which word should change most to make the text {hint}? Reply only with its letter.")
+
+
+def _letter_messages(text: str, attribute: Attribute, direction: int, cands: list[str]) -> list[dict[str, str]]:
+    ex_c = _candidates(_EXAMPLE_TEXT)
+    example = _letter_prompt(_EXAMPLE_TEXT, "sentiment", "how positive the opinion is", "more positive", ex_c)
+    return [{"role": "system", "content": _CHOICE_SYSTEM},
+            {"role": "user", "content": example}, {"role": "assistant", "content": _LETTERS[ex_c.index("dull")]},
+            {"role": "user", "content": _letter_prompt(text, attribute.name, attribute.description,
+                                                       attribute.hint(direction), cands)}]
+
+
+def _pick_scored(logp: np.ndarray, cands: list[str], k: int, share: float) -> list[str]:
+    """The most probable word, and up to ``k - 1`` more whose probability is at least ``share`` times its."""
+    order = np.argsort(-logp, kind="stable")
+    best = logp[order[0]]
+    return [cands[j] for j in order[:k] if logp[j] >= best + np.log(share)]
+
+
 def _parse_choices(reply: str, cands: list[str], k: int) -> tuple[list[str] | None, str | None]:
     nums = [int(x) for x in re.findall(r"(?<![\d.])\d{1,3}(?![\d.])", reply or "")]
     picked = list(dict.fromkeys(cands[n - 1] for n in nums if 1 <= n <= len(cands)))[:k]
@@ -323,8 +351,10 @@ class LLMRewriteGenerator:
 
     FORMATS = ("choices", "json")
 
+    STEP1 = ("auto", "scored", "generate")
+
     def __init__(self, llm: Any, *, max_spans: int = 4, max_tokens: int = 96, temperature: float = 0.0,
-                 seed: int = 0, format: str = "choices") -> None:
+                 seed: int = 0, format: str = "choices", step1: str = "auto", pick_share: float = 0.5) -> None:
         from irm.llm import LLMClient, ParseLog
 
         if not isinstance(llm, LLMClient):
@@ -336,6 +366,17 @@ class LLMRewriteGenerator:
             raise ValueError(f"format must be one of {self.FORMATS}, got {format!r}: 'choices' (word numbers, "
                              "then one replacement per word: short replies a small model gets right) or 'json' "
                              "(a JSON list of phrases, then a JSON mapping)")
+        if step1 not in self.STEP1:
+            raise ValueError(f"step1 must be one of {self.STEP1}, got {step1!r}: 'scored' picks the words from the "
+                             "LLM's probabilities of their letters (constrained: always a valid choice; needs a "
+                             "client with choice_logprobs, e.g. kind 'local'), 'generate' parses a generated reply "
+                             "of word numbers, 'auto' scores where the client exposes probabilities")
+        if not 0 < pick_share <= 1:
+            raise ValueError(f"pick_share must be in (0, 1], got {pick_share}")
+        if step1 == "auto":
+            step1 = "scored" if callable(getattr(llm, "choice_logprobs", None)) else "generate"
+        self.step1 = step1
+        self.pick_share = float(pick_share)
         self.format = format
         self.llm = llm
         self.max_spans = int(max_spans)
@@ -393,7 +434,7 @@ class LLMRewriteGenerator:
 
     def _perturb_choices(self, texts: list[str], attribute: Attribute, direction: int, gen: dict[str, Any],
                          out: list[Perturbation | None], fail: Callable[..., None]) -> None:
-        from irm.llm import complete_many
+        from irm.llm import LLMError, complete_many
 
         ctx = {"attribute": attribute.name, "direction": direction}
         cands = {i: _candidates(t) for i, t in enumerate(texts)}
@@ -402,18 +443,53 @@ class LLMRewriteGenerator:
                 out[i] = Perturbation(texts[i], texts[i], attribute.name, direction, self.name, "not_applicable",
                                       reason="no content word to rewrite")
         todo = [i for i in range(len(texts)) if cands[i]]
-        # Short replies: a few numbers, then a word or two (the context, not the reply, is long).
-        g1 = dict(gen, max_tokens=min(gen["max_tokens"], 12))
-        replies1 = complete_many(self.llm, [_choice_messages(texts[i], attribute, direction, cands[i], self.max_spans)
-                                            for i in todo], **g1)
         spans: dict[int, list[str]] = {}
-        for i, r in zip(todo, replies1, strict=True):
-            picked, err = _parse_choices(r, cands[i], self.max_spans)
-            self._record("choices", picked is not None, picked, err, r, step="spans", **ctx)
-            if picked is None:
-                fail(i, f"step 1 (choose words): {err}", reply=(r or "")[:200])
-            else:
-                spans[i] = picked
+        if self.step1 == "scored" and todo:
+            try:
+                self._pick_by_scores(texts, attribute, direction, cands, todo, spans, ctx)
+            except LLMError as e:  # a server without token probabilities: parse generated replies instead
+                log.warning("llm_rewrite: %s gives no token probabilities (%s); step 1 generates its replies.",
+                            getattr(self.llm, "name", self.llm), e)
+                self.step1 = "generate"
+                spans.clear()
+        if self.step1 != "scored" and todo:
+            # Short replies: a few numbers, then a word or two (the context, not the reply, is long).
+            g1 = dict(gen, max_tokens=min(gen["max_tokens"], 12))
+            replies1 = complete_many(self.llm, [_choice_messages(texts[i], attribute, direction, cands[i],
+                                                                 self.max_spans) for i in todo], **g1)
+            for i, r in zip(todo, replies1, strict=True):
+                picked, err = _parse_choices(r, cands[i], self.max_spans)
+                self._record("choices", picked is not None, picked, err, r, step="spans", **ctx)
+                if picked is None:
+                    fail(i, f"step 1 (choose words): {err}", reply=(r or "")[:200])
+                else:
+                    spans[i] = picked
+        self._rewrite_words(texts, attribute, direction, gen, spans, out, fail, ctx)
+
+    def _pick_by_scores(self, texts: list[str], attribute: Attribute, direction: int, cands: dict[int, list[str]],
+                        todo: list[int], spans: dict[int, list[str]], ctx: dict[str, Any]) -> None:
+        """Step 1 constrained: the reply can only be one of the listed letters; the words are read off the
+        LLM's probabilities of those letters (one forward pass per text, nothing generated or parsed)."""
+        from irm.llm import choice_logprobs
+
+        for i in todo:
+            cands[i] = cands[i][: len(_LETTERS)]
+        by_n: dict[int, list[int]] = defaultdict(list)
+        for i in todo:
+            by_n[len(cands[i])].append(i)
+        for n, rows in sorted(by_n.items()):
+            lp = choice_logprobs(self.llm, [_letter_messages(texts[i], attribute, direction, cands[i])
+                                            for i in rows], list(_LETTERS[:n]))
+            for i, row in zip(rows, lp, strict=True):
+                spans[i] = _pick_scored(row, cands[i], self.max_spans, self.pick_share)
+                self._record("letter (scored)", True, spans[i], None, "", step="spans", **ctx)
+
+    def _rewrite_words(self, texts: list[str], attribute: Attribute, direction: int, gen: dict[str, Any],
+                       spans: dict[int, list[str]], out: list[Perturbation | None], fail: Callable[..., None],
+                       ctx: dict[str, Any]) -> None:
+        """Step 2: one short generated replacement per chosen word."""
+        from irm.llm import complete_many
+
         jobs = [(i, w) for i in sorted(spans) for w in spans[i]]
         g2 = dict(gen, max_tokens=min(gen["max_tokens"], 12))
         replies2 = complete_many(self.llm, [_word_messages(texts[i], attribute, direction, w) for i, w in jobs], **g2)

@@ -42,6 +42,8 @@ __all__ = [
     "plot_human_eval",
     "human_eval_rows",
     "VADER_TWEETS_R",
+    "three_way",
+    "three_way_rows",
 ]
 
 log = get_logger(__name__)
@@ -150,12 +152,15 @@ def score_corpus(rm: BaseRewardModel | Callable, corpus: HumanCorpus, *, use_ins
 
 def evaluate_rms(rms: Mapping[str, BaseRewardModel], corpora: Sequence[str] | None = None, *, split: str = "test",
                  margin: float = 0.5, n_boot: int = 1000, seed: int = 0,
-                 use_instruction: Mapping[str, bool] | None = None, path: str | Path | None = None) -> dict[str, Any]:
+                 use_instruction: Mapping[str, bool] | None = None, path: str | Path | None = None,
+                 scores_out: dict[str, dict[str, np.ndarray]] | None = None,
+                 corpora_out: dict[str, HumanCorpus] | None = None) -> dict[str, Any]:
     """Every RM of ``rms`` (name -> RM) against the human means of each corpus's ``split``.
 
     Returns ``{"split", "margin", "n_boot", "corpora": {corpus: {"n_texts", "n_pairs"}}, "rms": {name: {corpus:
     human_agreement(...) + "seconds"}}}``. ``use_instruction[name]``: score texts as responses to the corpus's
-    instruction (default False: to an empty prompt)."""
+    instruction (default False: to an empty prompt). ``scores_out`` / ``corpora_out`` (dicts), when given,
+    receive each RM's scores per corpus (``scores_out[name][corpus]``) and the evaluated corpora."""
     if not rms:
         raise ValueError("No RM to evaluate; pass {name: rm}.")
     corpora = list(CORPORA) if corpora is None else list(corpora)
@@ -167,6 +172,8 @@ def evaluate_rms(rms: Mapping[str, BaseRewardModel], corpora: Sequence[str] | No
     res: dict[str, Any] = {"split": split, "margin": margin, "n_boot": n_boot, "corpora": {}, "rms": {}}
     for c in loaded:
         res["corpora"][c.name] = {"n_texts": len(c), "mean_rating": float(c.means.mean())}
+        if corpora_out is not None:
+            corpora_out[c.name] = c
     for name, rm in rms.items():
         res["rms"][name] = {}
         for c in loaded:
@@ -175,10 +182,116 @@ def evaluate_rms(rms: Mapping[str, BaseRewardModel], corpora: Sequence[str] | No
             m = human_agreement(c.means, scores, margin=margin, n_boot=n_boot, seed=seed)
             m["seconds"] = time.perf_counter() - t0
             res["rms"][name][c.name] = m
+            if scores_out is not None:
+                scores_out.setdefault(name, {})[c.name] = scores
             log.info("%s on %s/%s: pairwise accuracy %.3f [%.3f, %.3f], r %.3f, tau %.3f", name, c.name, split,
                      m["pairwise_accuracy"]["value"], m["pairwise_accuracy"]["low"], m["pairwise_accuracy"]["high"],
                      m["pearson"]["value"], m["kendall_tau"]["value"])
     return res
+
+
+# ------------------------------------------------------------------------------------ three sides
+def _three_way_stats(h: np.ndarray, r: np.ndarray, q: np.ndarray, counts: np.ndarray,
+                     margin: float) -> dict[str, np.ndarray]:
+    c = counts.astype(np.float32)
+    dh = h[:, None] - h[None, :]
+    sh = np.sign(dh).astype(np.float32)
+    sr = np.sign(r[:, None] - r[None, :]).astype(np.float32)
+    sq = np.sign(q[:, None] - q[None, :]).astype(np.float32)
+    human = ((np.abs(dh) >= margin) & (dh != 0)).astype(np.float32)
+    against = human * (sr == -sh)  # the RM orders the pair against the humans (an RM tie is neither)
+    with_h = human * (sr == sh)
+    follows = (sq == sr) + np.float32(0.5) * (sq == 0)  # the IRM orders it as the RM does (a tie: half)
+    decided = (sr != 0).astype(np.float32)
+
+    def quad(m: np.ndarray) -> np.ndarray:
+        return np.einsum("bi,bi->b", c @ m, c, dtype=np.float64)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"irm_follows_rm_where_rm_is_against_humans": quad(against * follows) / quad(against),
+                "irm_follows_rm_where_rm_is_with_humans": quad(with_h * follows) / quad(with_h),
+                "irm_vs_rm_pairwise_accuracy": quad(decided * follows) / quad(decided),
+                "rm_against_humans_share": quad(against) / quad(human),
+                "n_against": quad(against), "n_with": quad(with_h)}
+
+
+_THREE_WAY = ("irm_follows_rm_where_rm_is_against_humans", "irm_follows_rm_where_rm_is_with_humans",
+              "irm_vs_rm_pairwise_accuracy", "rm_against_humans_share")
+
+
+def three_way(corpus: HumanCorpus, rm_scores: Sequence[float], irm_scores: Sequence[float], *, margin: float = 0.5,
+              n_boot: int = 1000, seed: int = 0, n_examples: int = 4, alpha: float = 0.05) -> dict[str, Any]:
+    """Humans, the explicit RM and an IRM on one corpus's texts: where the RM orders a pair of texts against
+    the humans (their means differ by >= ``margin``), does the IRM (what the tuned policy learned) side
+    with the RM or with the humans?
+
+    Returns each rate of :data:`_THREE_WAY` as ``{"value", "low", "high"}`` (percentile bootstrap over
+    texts), the pair counts, and ``examples``: the ``n_examples`` pairs the RM gets most clearly wrong
+    (largest human difference), with both texts, their human means, RM and IRM scores, and whom the IRM
+    follows. A rate of 1 where the RM is against the humans: the policy learned the RM, errors included."""
+    h = np.asarray(corpus.means, dtype=np.float64)
+    r = np.asarray(rm_scores, dtype=np.float64)
+    q = np.asarray(irm_scores, dtype=np.float64)
+    if not (h.shape == r.shape == q.shape) or h.ndim != 1:
+        raise ValueError(f"means, RM scores and IRM scores must be 1-d of one length, got {h.shape}, {r.shape}, "
+                         f"{q.shape}.")
+    if len(h) > _MAX_N:
+        raise ValueError(f"{len(h)} texts is more than the {_MAX_N} the pair matrices allow; evaluate a split.")
+    if not (np.isfinite(r).all() and np.isfinite(q).all()):
+        raise ValueError("RM or IRM scores are not finite: a scorer failed.")
+    n = len(h)
+    point = _three_way_stats(h, r, q, np.ones((1, n)), margin)
+    rng = np.random.default_rng(seed)
+    boots: dict[str, list[np.ndarray]] = {k: [] for k in _THREE_WAY}
+    for start in range(0, n_boot, 100):
+        b = min(100, n_boot - start)
+        idx = rng.integers(0, n, size=(b, n))
+        counts = np.zeros((b, n), dtype=np.float32)
+        np.add.at(counts, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
+        st = _three_way_stats(h, r, q, counts, margin)
+        for k in _THREE_WAY:
+            boots[k].append(st[k])
+    out: dict[str, Any] = {"n_texts": n, "margin": margin,
+                           "n_pairs_rm_against_humans": int(round(point["n_against"][0] / 2)),
+                           "n_pairs_rm_with_humans": int(round(point["n_with"][0] / 2))}
+    for k in _THREE_WAY:
+        v = np.concatenate(boots[k]) if boots[k] else np.array([])
+        v = v[np.isfinite(v)]
+        lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2]) if len(v) else (np.nan, np.nan)
+        out[k] = {"value": float(point[k][0]), "low": float(lo), "high": float(hi)}
+    # The clearest human preferences the RM reverses (i: the text the humans rate higher).
+    dh = h[:, None] - h[None, :]
+    wrong = (dh >= max(margin, 1e-12)) & (r[:, None] < r[None, :])
+    ii, jj = np.nonzero(wrong)
+    order = np.lexsort((-(r[jj] - r[ii]), -dh[ii, jj]))[: max(0, n_examples) * 8]
+    examples, used = [], set()
+    for k in order:  # distinct texts across examples
+        i, j = int(ii[k]), int(jj[k])
+        if i in used or j in used:
+            continue
+        used.update((i, j))
+        follows = "RM" if np.sign(q[i] - q[j]) == np.sign(r[i] - r[j]) else ("tie" if q[i] == q[j] else "humans")
+        examples.append({"human_preferred": corpus.texts[i], "other": corpus.texts[j],
+                         "human_means": [float(h[i]), float(h[j])], "rm_scores": [float(r[i]), float(r[j])],
+                         "irm_scores": [float(q[i]), float(q[j])], "irm_follows": follows})
+        if len(examples) >= n_examples:
+            break
+    out["examples"] = examples
+    return out
+
+
+def three_way_rows(res: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Table rows (IRM, corpus) of :func:`three_way` results ``{irm: {corpus: result}}``."""
+    header = ["IRM", "corpus", "RM against humans (share of pairs)", "IRM follows RM where RM is against humans",
+              "... where RM is with humans", "IRM vs RM pairwise accuracy", "pairs against"]
+    rows = []
+    for irm, per in res.items():
+        for corpus, m in per.items():
+            rows.append([irm, corpus, _ci(m["rm_against_humans_share"]),
+                         _ci(m["irm_follows_rm_where_rm_is_against_humans"]),
+                         _ci(m["irm_follows_rm_where_rm_is_with_humans"]), _ci(m["irm_vs_rm_pairwise_accuracy"]),
+                         m["n_pairs_rm_against_humans"]])
+    return header, rows
 
 
 def _ci(m: Mapping[str, float]) -> str:

@@ -15,7 +15,14 @@ import numpy as np
 
 from irm.core.log import get_logger
 from irm.data.human import FETCH_COMMAND, HumanDataMissing, human_data_path
-from irm.rewards.humans import VaderAnalyzerRM, evaluate_rms, human_eval_rows, plot_human_eval
+from irm.rewards.humans import (
+    VaderAnalyzerRM,
+    evaluate_rms,
+    human_eval_rows,
+    plot_human_eval,
+    three_way,
+    three_way_rows,
+)
 from irm.rewards.train import BUILTIN_BACKBONES, TrainRMConfig, TrainRMResult, train_reward_model
 from irm.run.config import ConfigError, register_section
 from irm.run.registry import RunContext, preflight, stage
@@ -136,9 +143,25 @@ def _stage_humans(ctx: RunContext) -> None:
         rms = {"explicit_rm": ctx.rm, **rms}
     # The IRMs read a prompt: each text is the response to its corpus's instruction.
     uses = {k: k != "explicit_rm" or tcfg.with_prompt for k in rms}
-    ev = evaluate_rms(rms, tcfg.irm_eval_corpora, margin=tcfg.eval_margin, n_boot=tcfg.n_boot, seed=ctx.cfg.seed,
-                      use_instruction=uses)
+    scores: dict[str, dict[str, Any]] = {}
+    corpora: dict[str, Any] = {}
+    from irm.models.memo import sharing_logprobs
+
+    # The probe IRM's capture leaves the texts' log-probabilities for the log-ratio IRM (irm.models.memo).
+    with sharing_logprobs(*((ctx.pair.base, ctx.pair.tuned) if ctx.pair is not None else ())):
+        ev = evaluate_rms(rms, tcfg.irm_eval_corpora, margin=tcfg.eval_margin, n_boot=tcfg.n_boot,
+                          seed=ctx.cfg.seed, use_instruction=uses, scores_out=scores, corpora_out=corpora)
     plot_human_eval(ev, ctx.run_path / "plots" / IRM_HUMAN_EVAL_PNG)
+    if "explicit_rm" in scores:
+        # Three sides on the same texts: where the RM orders a pair against the humans, whom does the IRM follow?
+        ev["three_way"] = {name: {c: three_way(corpora[c], scores["explicit_rm"][c], per[c], margin=tcfg.eval_margin,
+                                               n_boot=tcfg.n_boot, seed=ctx.cfg.seed) for c in per}
+                           for name, per in scores.items() if name != "explicit_rm"}
+        for name, per in ev["three_way"].items():
+            for c, m in per.items():
+                log.info("humans: %s on %s: follows the RM on %.3f of the %d pairs the RM orders against the humans",
+                         name, c, m["irm_follows_rm_where_rm_is_against_humans"]["value"],
+                         m["n_pairs_rm_against_humans"])
     ctx.run.update_results("humans", ev)
 
 
@@ -167,10 +190,38 @@ def _render_train_rm(sec: dict, run: Path) -> str:
     return "".join(out)
 
 
+def _cell(text: str, n: int = 120) -> str:
+    """A corpus text as one markdown table cell: one line, pipes escaped, cut at ``n`` characters."""
+    t = " ".join(str(text).split())
+    t = t if len(t) <= n else t[: n - 1] + "…"
+    return t.replace("|", "\\|")
+
+
 @renderer("humans", order=75)
 def _render_humans(sec: dict, run: Path) -> str:
     out = [f"The IRMs against the human means ({sec['split']} split, margin {sec['margin']:g}, 95% CIs), each text "
            "the response to its corpus's instruction:\n\n", _human_table(sec)]
     if (run / "plots" / IRM_HUMAN_EVAL_PNG).is_file():
         out.append(f"\n![IRMs against humans](plots/{IRM_HUMAN_EVAL_PNG})\n")
+    tw = sec.get("three_way")
+    if tw:
+        out.append("\n**Humans, the RM and the IRM on the same texts.** Where the explicit RM orders a pair of texts "
+                   "against the humans, does the IRM (what the tuned policy learned) follow the RM or the humans? "
+                   "1.0: it learned the RM, errors included; 0.0: it sides with the humans (95% CIs over texts).\n\n")
+        header, rows = three_way_rows(tw)
+        out.append(md_table(header, rows))
+        for name, per in tw.items():
+            for corpus, m in per.items():
+                ex = m.get("examples") or []
+                if not ex:
+                    continue
+                out.append(f"\n\nWhere the RM is most clearly against the humans ({name}, {corpus}):\n\n")
+                out.append(md_table(["humans prefer", "over", "human means", "RM scores", "IRM scores",
+                                     "IRM follows"],
+                                    [[_cell(e["human_preferred"]), _cell(e["other"]),
+                                      " vs ".join(f"{v:.2f}" for v in e["human_means"]),
+                                      " vs ".join(f"{v:.3g}" for v in e["rm_scores"]),
+                                      " vs ".join(f"{v:.3g}" for v in e["irm_scores"]), e["irm_follows"]]
+                                     for e in ex]))
+        out.append("\n")
     return "".join(out)
