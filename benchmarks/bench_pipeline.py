@@ -97,6 +97,15 @@ def main() -> int:
         print(f"error: the cold run needs an empty cache dir, and {cache} is not empty", file=sys.stderr)
         return 2
     cache.mkdir(parents=True, exist_ok=True)
+    # The human-rated corpora (experiments with [train_rm]) are fetched by the set-up (`make human-data`), not by
+    # a run: a cold run reads the set-up's download, linked into its fresh cache.
+    sys.path.insert(0, str(ROOT))
+    from irm.data.human import SDIST_NAME, human_data_path
+
+    fetched = human_data_path()
+    if fetched.is_file() and not (cache / "data" / SDIST_NAME).exists():
+        (cache / "data").mkdir(exist_ok=True)
+        (cache / "data" / SDIST_NAME).symlink_to(fetched)
     print(f"config={args.config} overrides={args.set or 'none'} cpus={os.cpu_count()} workdir={work}")
 
     phases = {"cold": args.cold_target, "cached": args.cached_target}

@@ -199,3 +199,16 @@ def test_three_way_says_whom_the_irm_follows_where_the_rm_is_against_humans():
     assert len(rows) == 1 and rows[0][0] == "irm_linear" and len(rows[0]) == len(header)
     with pytest.raises(ValueError, match="one length"):
         three_way(corpus, rm[:-1], rm)
+
+
+def test_irm_evaluation_takes_a_fixed_subset_of_each_corpus(human_data):
+    from irm.rewards.humans import VaderAnalyzerRM, evaluate_rms
+
+    corpora, scores = {}, {}
+    ev = evaluate_rms({"a": VaderAnalyzerRM()}, ["tweets"], n_boot=20, max_texts=50, corpora_out=corpora,
+                      scores_out=scores)
+    again: dict = {}
+    evaluate_rms({"a": VaderAnalyzerRM()}, ["tweets"], n_boot=20, max_texts=50, corpora_out=again)
+    assert ev["corpora"]["tweets"]["n_texts"] == 50 == len(scores["a"]["tweets"])
+    assert corpora["tweets"].ids == again["tweets"].ids  # the same subset every time (seeded)
+    assert set(corpora["tweets"].splits) == {"test"}

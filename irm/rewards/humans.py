@@ -154,17 +154,21 @@ def evaluate_rms(rms: Mapping[str, BaseRewardModel], corpora: Sequence[str] | No
                  margin: float = 0.5, n_boot: int = 1000, seed: int = 0,
                  use_instruction: Mapping[str, bool] | None = None, path: str | Path | None = None,
                  scores_out: dict[str, dict[str, np.ndarray]] | None = None,
-                 corpora_out: dict[str, HumanCorpus] | None = None) -> dict[str, Any]:
+                 corpora_out: dict[str, HumanCorpus] | None = None, max_texts: int | None = None) -> dict[str, Any]:
     """Every RM of ``rms`` (name -> RM) against the human means of each corpus's ``split``.
 
     Returns ``{"split", "margin", "n_boot", "corpora": {corpus: {"n_texts", "n_pairs"}}, "rms": {name: {corpus:
     human_agreement(...) + "seconds"}}}``. ``use_instruction[name]``: score texts as responses to the corpus's
     instruction (default False: to an empty prompt). ``scores_out`` / ``corpora_out`` (dicts), when given,
-    receive each RM's scores per corpus (``scores_out[name][corpus]``) and the evaluated corpora."""
+    receive each RM's scores per corpus (``scores_out[name][corpus]``) and the evaluated corpora.
+    ``max_texts``: at most this many texts per corpus, a fixed random subset (seeded by ``seed`` and the
+    corpus), the same for every RM."""
     if not rms:
         raise ValueError("No RM to evaluate; pass {name: rm}.")
     corpora = list(CORPORA) if corpora is None else list(corpora)
     loaded = [c.subset(split) for c in load_human_corpora(corpora, path=path)]
+    if max_texts is not None:
+        loaded = [_sample(c, max_texts, seed) for c in loaded]
     use_instruction = dict(use_instruction or {})
     unknown = sorted(set(use_instruction) - set(rms))
     if unknown:
@@ -188,6 +192,18 @@ def evaluate_rms(rms: Mapping[str, BaseRewardModel], corpora: Sequence[str] | No
                      m["pairwise_accuracy"]["value"], m["pairwise_accuracy"]["low"], m["pairwise_accuracy"]["high"],
                      m["pearson"]["value"], m["kendall_tau"]["value"])
     return res
+
+
+def _sample(c: HumanCorpus, n: int, seed: int) -> HumanCorpus:
+    """At most ``n`` texts of ``c``: a random subset fixed by ``seed`` and the corpus name, in corpus order."""
+    if len(c) <= n:
+        return c
+    import zlib
+
+    rng = np.random.default_rng([seed, zlib.crc32(c.name.encode())])
+    idx = np.sort(rng.choice(len(c), size=n, replace=False))
+    return HumanCorpus(c.name, tuple(c.ids[i] for i in idx), tuple(c.texts[i] for i in idx), c.means[idx],
+                       tuple(c.ratings[i] for i in idx), c.splits[idx])
 
 
 # ------------------------------------------------------------------------------------ three sides

@@ -150,7 +150,8 @@ def _stage_humans(ctx: RunContext) -> None:
     # The probe IRM's capture leaves the texts' log-probabilities for the log-ratio IRM (irm.models.memo).
     with sharing_logprobs(*((ctx.pair.base, ctx.pair.tuned) if ctx.pair is not None else ())):
         ev = evaluate_rms(rms, tcfg.irm_eval_corpora, margin=tcfg.eval_margin, n_boot=tcfg.n_boot,
-                          seed=ctx.cfg.seed, use_instruction=uses, scores_out=scores, corpora_out=corpora)
+                          seed=ctx.cfg.seed, use_instruction=uses, scores_out=scores, corpora_out=corpora,
+                          max_texts=tcfg.irm_eval_max_texts)
     plot_human_eval(ev, ctx.run_path / "plots" / IRM_HUMAN_EVAL_PNG)
     if "explicit_rm" in scores:
         # Three sides on the same texts: where the RM orders a pair against the humans, whom does the IRM follow?

@@ -84,16 +84,21 @@ class TrainRMConfig:
     eval_irms: bool = _f(True, "Also evaluate the run's IRMs (linear probe, log-ratio) against the humans (the "
                                "humans stage, after the irm stage).")
     irm_eval_corpora: list[str] = _f(lambda: list(CORPORA), "Corpora of the IRMs' evaluation.")
+    irm_eval_max_texts: int | None = _f(None, "At most this many test texts per corpus in the IRMs' evaluation (a "
+                                              "fixed random subset; the IRMs run both models on every text, and "
+                                              "the explicit RM is scored on the same subset). None: all.")
 
     # keys that do not change the trained model
     _NOT_KEYED = ("enabled", "use_as_reward", "num_threads", "evaluate", "eval_corpora", "eval_margin", "n_boot",
-                  "logging_steps", "eval_irms", "irm_eval_corpora")
+                  "logging_steps", "eval_irms", "irm_eval_corpora", "irm_eval_max_texts")
 
     def __post_init__(self) -> None:
         for name in ("corpora", "eval_corpora", "irm_eval_corpora"):
             bad = [c for c in getattr(self, name) if c not in CORPORA]
             if bad or not getattr(self, name):
                 raise ValueError(f"[train_rm] {name} = {getattr(self, name)!r}: name one or more of {list(CORPORA)}.")
+        if self.irm_eval_max_texts is not None and self.irm_eval_max_texts < 10:
+            raise ValueError(f"[train_rm] irm_eval_max_texts must be >= 10 or empty (all), got {self.irm_eval_max_texts}.")
         if self.margin < 0 or self.eval_margin < 0:
             raise ValueError("[train_rm] margin and eval_margin must be >= 0 (differences of mean ratings on -4..+4).")
         for name in ("pairs_per_corpus", "batch_size", "max_length", "logging_steps", "n_boot"):
