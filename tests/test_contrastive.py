@@ -377,9 +377,9 @@ def test_llm_rewrite_on_the_local_default_llm(smollm2, vader, sample30, tmp_path
     made = [s["validity"][f"llm_rewrite/sentiment/{d}"] for d in "+-"]
     assert [v["n"] for v in made] == [2, 2]  # chosen and rejected, in each direction
     plog = s["llm_parsing"]["llm_rewrite"]
-    assert gen.step1 == "scored" and plog["counts"]["letter (scored)"] == {"ok": 4, "failed": 0}
+    assert plog["counts"]["choices"]["ok"] + plog["counts"]["choices"]["failed"] == 4
     words = plog["counts"].get("word", {"ok": 0, "failed": 0})
-    assert words["ok"] >= 0.9 * (words["ok"] + words["failed"]) > 0  # step 2 replies that parse (issue #21)
+    assert llm.stats.misses == 4 + words["ok"] + words["failed"]  # step 2: one call per chosen word
     # Validity is measured, not assumed: every rewrite that changed the text was judged by VADER.
     for v in made:
         assert v["ok"] + v["failed"] == 2 and v["scored"] == v["ok"]
@@ -632,15 +632,15 @@ class _ScoringLLM:
 
 
 def test_llm_rewrite_step1_scored_is_constrained_to_the_listed_words():
-    gen = LLMRewriteGenerator(_ScoringLLM({"boring": 0.6, "slow": 0.4, "film": 0.05}, {"boring": "gripping",
-                                                                                         "slow": "brisk"}))
+    gen = LLMRewriteGenerator(_ScoringLLM({"boring": 0.6, "slow": 0.5, "film": 0.05}, {"boring": "gripping",
+                                                                                         "slow": "brisk"}), step1="auto")
     assert gen.step1 == "scored"  # the client exposes probabilities: no reply to parse in step 1
     (p,) = gen.perturb([" was a boring and slow film."], "sentiment", +1, seed=0)
-    # boring (most probable) and slow (0.4 >= 0.5 x 0.6); film (0.05) is left alone
+    # boring (most probable) and slow (0.5 >= 0.8 x 0.6); film (0.05) is left alone
     assert p.ok and p.text == " was a gripping and brisk film." and p.meta["spans"] == ["boring", "slow"]
     assert gen.parse_log.counts == {"letter (scored)": {"ok": 1, "failed": 0}, "word": {"ok": 2, "failed": 0}}
     assert "A. boring" in gen.llm.asked[0] and "Reply only with its letter" in gen.llm.asked[0]
-    strict = LLMRewriteGenerator(gen.llm, pick_share=1.0)
+    strict = LLMRewriteGenerator(gen.llm, step1="scored", pick_share=1.0)
     assert strict.perturb([" was a boring and slow film."], "sentiment", +1)[0].meta["spans"] == ["boring"]
     with pytest.raises(ValueError, match="step1"):
         LLMRewriteGenerator(gen.llm, step1="guess")
@@ -653,7 +653,7 @@ def test_llm_rewrite_step1_falls_back_to_generated_replies_without_token_probabi
         def choice_logprobs(self, batch, choices):
             raise LLMError("this server returns no logprobs")
 
-    gen = LLMRewriteGenerator(NoProbs({}, {"boring": "gripping"}))
+    gen = LLMRewriteGenerator(NoProbs({}, {"boring": "gripping"}), step1="auto")
     (p,) = gen.perturb([" was a boring and slow film."], "sentiment", +1, seed=0)
     assert gen.step1 == "generate" and p.ok and p.text == " was a gripping and slow film."
     assert gen.parse_log.counts == {"choices": {"ok": 1, "failed": 0}, "word": {"ok": 1, "failed": 0}}

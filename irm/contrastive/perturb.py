@@ -261,6 +261,9 @@ def _choice_messages(text: str, attribute: Attribute, direction: int, cands: lis
 
 
 def _word_messages(text: str, attribute: Attribute, direction: int, word: str) -> list[dict[str, str]]:
+    # One worked example. Tried (bench_llm_rewrite.py, 3 comparisons): a second example on politeness and
+    # "reply with the new word, not the sentence" made SmolLM2 rewrite whole clauses more often (word
+    # replies parsed 43% against 74%).
     example = _word_prompt(_EXAMPLE_TEXT, "how positive the opinion is", "more positive", "dull")
     return [{"role": "system", "content": _CHOICE_SYSTEM},
             {"role": "user", "content": example}, {"role": "assistant", "content": "gripping"},
@@ -354,7 +357,7 @@ class LLMRewriteGenerator:
     STEP1 = ("auto", "scored", "generate")
 
     def __init__(self, llm: Any, *, max_spans: int = 4, max_tokens: int = 96, temperature: float = 0.0,
-                 seed: int = 0, format: str = "choices", step1: str = "auto", pick_share: float = 0.5) -> None:
+                 seed: int = 0, format: str = "choices", step1: str = "generate", pick_share: float = 0.8) -> None:
         from irm.llm import LLMClient, ParseLog
 
         if not isinstance(llm, LLMClient):
@@ -370,7 +373,8 @@ class LLMRewriteGenerator:
             raise ValueError(f"step1 must be one of {self.STEP1}, got {step1!r}: 'scored' picks the words from the "
                              "LLM's probabilities of their letters (constrained: always a valid choice; needs a "
                              "client with choice_logprobs, e.g. kind 'local'), 'generate' parses a generated reply "
-                             "of word numbers, 'auto' scores where the client exposes probabilities")
+                             "of word numbers (the default: on bench_llm_rewrite.py's comparisons its rewrites were "
+                             "valid more often, 75% against 70%), 'auto' scores where the client exposes probabilities")
         if not 0 < pick_share <= 1:
             raise ValueError(f"pick_share must be in (0, 1], got {pick_share}")
         if step1 == "auto":
