@@ -328,7 +328,7 @@ def test_config_section_validates():
     assert isinstance(sec, ContrastiveConfig) and sec.llm.model == "tiny-llama"
     for bad, msg in [({"attributes": ["sentimnet"]}, "sentiment"), ({"generators": ["gpt"]}, "valid generators"),
                      ({"n_comparisons": 0}, "n_comparisons"), ({"llm": {"params": {"api_key": "x"}}}, "environment"),
-                     ({"n_comparisns": 3}, "did you mean 'n_comparisons'")]:
+                     ({"n_comparisns": 3}, "did you mean 'n_comparisons'"), ({"llm_step1": "guess"}, "llm_step1")]:
         with pytest.raises(ConfigError, match=msg):
             config_from_dict({"contrastive": bad})
 
