@@ -509,3 +509,51 @@ def test_native_hooks_fall_back_when_they_differ_from_the_bridge(tiny_base, tmp_
     assert "simulated failure" in caplog.text and "through the TransformerBridge" in caplog.text
     torch.testing.assert_close(got.load("base", hooks[0]), want.load("base", hooks[0]))
     tiny_base.hf_model.__dict__.pop("_irm_native_hooks", None)  # later tests check afresh
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_shared_prefix_capture_of_perturbations_runs_a_prefix_tree(native, tiny_base, tiny_tuned, tmp_path, monkeypatch,
+                                                                  caplog):
+    """Perturbations of one response share more than the prompt: each text runs on the cache of the text it
+    shares most with (children, grandchildren, siblings with different shared lengths in one batch). The
+    store equals full passes, no check fails, and the models run far fewer token positions. Through the
+    TransformerBridge (which does not fill a cache it is given) the check fails and full passes run."""
+    import irm.activations.capture as cap
+
+    monkeypatch.setenv("IRM_NATIVE_HOOKS", native)
+    prompt = "I rented this film because"
+    base = " my friend said it was good and the story was moving"
+    responses = [base, " my friend said it was bad and the story was moving",
+                 " my friend said it was good and the story was dull", " my friend said it was good and the plot was moving",
+                 " my friend told me it was good", " a friend said it was good and the story was moving",
+                 " my friend said it was good and the story was dull and long", " it was cheap"]
+    recs = records_from_pairs([prompt] * len(responses), responses)
+    models = {"base": tiny_base, "tuned": tiny_tuned}
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    kw = dict(hooks=hooks, positions="words", batch_size=3, shard_size=64, logprobs=True)
+    ran = {"tokens": 0}
+    real = cap._forward_hooks
+
+    def counting(m, ids, *a, **k):
+        ran["tokens"] += int(ids.numel())
+        return real(m, ids, *a, **k)
+
+    full = capture_activations(models, recs, tmp_path / "full", **kw)
+    monkeypatch.setattr(cap, "_forward_hooks", counting)
+    with caplog.at_level("WARNING"):
+        shared = capture_activations(models, recs, tmp_path / "shared", share_prefix=True, **kw)
+    assert ("full forward passes" in caplog.text) is (native == "0")
+    tok = cap._tokenize(tiny_base.tokenizer, recs, "words", 256)
+    forest = cap._ShareForest(tok, range(len(recs)))
+    assert max(forest.shared.values()) > len(tok.ids[0]) - 6  # deeper than the prompt
+    assert any(forest.parent[forest.parent[j]] >= 0 for j in forest.members if forest.parent[j] >= 0)  # grandchild
+    total = sum(len(x) for x in tok.ids)
+    check = sum(len(tok.ids[j]) for j in forest.members) * 2  # the per-shard check runs a subtree both ways
+    if native == "1":
+        assert ran["tokens"] - 2 * check < 0.6 * 2 * total, (ran, total)
+    for role in models:
+        for h in hooks:
+            torch.testing.assert_close(shared.load(role, h), full.load(role, h), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(shared.logprobs(role), full.logprobs(role), rtol=1e-5, atol=1e-4)
+    for name, col in full.index().items():
+        np.testing.assert_array_equal(shared.index()[name], col)

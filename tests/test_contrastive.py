@@ -328,7 +328,8 @@ def test_config_section_validates():
     assert isinstance(sec, ContrastiveConfig) and sec.llm.model == "tiny-llama"
     for bad, msg in [({"attributes": ["sentimnet"]}, "sentiment"), ({"generators": ["gpt"]}, "valid generators"),
                      ({"n_comparisons": 0}, "n_comparisons"), ({"llm": {"params": {"api_key": "x"}}}, "environment"),
-                     ({"n_comparisns": 3}, "did you mean 'n_comparisons'"), ({"llm_step1": "guess"}, "llm_step1")]:
+                     ({"n_comparisns": 3}, "did you mean 'n_comparisons'"), ({"llm_step1": "guess"}, "llm_step1"),
+                     ({"llm_step2": "json"}, "llm_step2")]:
         with pytest.raises(ConfigError, match=msg):
             config_from_dict({"contrastive": bad})
 
@@ -380,6 +381,7 @@ def test_llm_rewrite_on_the_local_default_llm(smollm2, vader, sample30, tmp_path
     assert plog["counts"]["choices"]["ok"] + plog["counts"]["choices"]["failed"] == 4
     words = plog["counts"].get("word", {"ok": 0, "failed": 0})
     assert llm.stats.misses == 4 + words["ok"] + words["failed"]  # step 2: one call per chosen word
+    assert words["failed"] == 0 and words["ok"] > 0  # step 2 under the word grammar: every reply parses
     # Validity is measured, not assumed: every rewrite that changed the text was judged by VADER.
     for v in made:
         assert v["ok"] + v["failed"] == 2 and v["scored"] == v["ok"]
@@ -657,3 +659,49 @@ def test_llm_rewrite_step1_falls_back_to_generated_replies_without_token_probabi
     (p,) = gen.perturb([" was a boring and slow film."], "sentiment", +1, seed=0)
     assert gen.step1 == "generate" and p.ok and p.text == " was a gripping and slow film."
     assert gen.parse_log.counts == {"choices": {"ok": 1, "failed": 0}, "word": {"ok": 1, "failed": 0}}
+
+
+def test_llm_rewrite_step2_under_the_word_grammar_always_parses(tiny_base):
+    """A random tiny model: its free replacements rarely parse (clauses, symbols); decoded under the word
+    grammar every one is a word or short phrase that is not the original word, so every rewrite changes
+    the text."""
+    from irm.llm import LocalChatLLM
+
+    class FirstWordThenTiny:
+        """Step 1 always picks the first listed word (a tiny vocabulary has no letters to score); step 2 is
+        the tiny model's own replies."""
+
+        name = cache_id = "first-word-then-tiny"
+
+        def __init__(self):
+            self.tiny = LocalChatLLM(tiny_base)
+
+        def complete(self, messages, **kw):
+            return self.complete_many([messages], **kw)[0]
+
+        def complete_many(self, batch, **kw):
+            step2 = [i for i, m in enumerate(batch) if "Replace the word" in m[-1]["content"]]
+            out = ["1"] * len(batch)
+            for i, r in zip(step2, self.tiny.complete_many([batch[i] for i in step2], **kw), strict=True):
+                out[i] = r
+            return out
+
+        def complete_words(self, batch, **kw):
+            return self.tiny.complete_words(batch, **kw)
+
+    llm = FirstWordThenTiny()
+    texts = [" was a boring and slow film.", " the food was cold, the staff rude.", " a moving, honest story."]
+    got = {}
+    for step2 in ("words", "free"):
+        gen = LLMRewriteGenerator(llm, step1="generate", step2=step2, max_tokens=10)
+        out = gen.perturb(texts, "sentiment", +1, seed=0)
+        got[step2] = (gen.parse_log.counts["word"], out)
+    counts, out = got["words"]
+    assert counts["failed"] == 0 and counts["ok"] >= len(texts)
+    assert all(p.ok and p.text != p.original for p in out)
+    for p in out:
+        for w, r in p.meta["mapping"].items():
+            assert re.match(r"^[A-Za-z][A-Za-z'-]*( [A-Za-z][A-Za-z'-]*){0,2}$", r) and r.lower() != w.lower()
+    assert got["free"][0]["failed"] > 0  # the same model answering freely
+    with pytest.raises(ValueError, match="step2"):
+        LLMRewriteGenerator(llm, step2="json")

@@ -464,3 +464,81 @@ def test_shared_prompt_prefix_survives_mixed_precision(smollm2, monkeypatch, cap
         assert "differs from a plain pass" in caplog.text  # still caught in bfloat16
     finally:
         set_compute_dtype(smollm2, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Replies under the word grammar (complete_words)
+_WORDS_RE = r"^[A-Za-z][A-Za-z'-]*( [A-Za-z][A-Za-z'-]*){0,2}$"
+
+
+def _word_batch():
+    from irm.contrastive.perturb import _word_messages, get_attribute
+
+    a = get_attribute("sentiment")
+    rows = [("The film was wonderful and the cast shone.", "wonderful", -1),
+            ("Awful. The plot drags and the acting is a mess.", "mess", +1),
+            ("The acting was stiff, maybe the worst I have seen in years.", "seen", +1),
+            ("A delight from start to finish.", "finish", -1),
+            ("The soup was cold and bland.", "bland", +1)]
+    return [_word_messages(t, a, d, w) for t, w, d in rows], [w for _, w, _ in rows]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_word_grammar_gives_short_words_never_the_banned_one(tiny_chat, temperature):
+    """A random tiny model left to itself writes anything; under the grammar every reply is 1-3 words of
+    letters that do not spell the banned word, whatever the batching."""
+    import re
+
+    from irm.llm import complete_words
+
+    batch, bans = _word_batch()
+    batch, bans = batch * 3, bans * 3
+    gen = dict(max_tokens=10, temperature=temperature, seed=4)
+    replies, constrained = complete_words(tiny_chat, batch, ban=bans, max_words=3, **gen)
+    assert constrained and len(replies) == len(batch)
+    for r, b in zip(replies, bans, strict=True):
+        assert re.match(_WORDS_RE, r), r
+        assert r.lower() != b
+    one = [complete_words(tiny_chat, [m], ban=[b], max_words=3, **gen)[0][0] for m, b in zip(batch[:5], bans[:5])]
+    assert one == replies[:5]
+    two, _ = complete_words(tiny_chat, batch[:5], ban=bans[:5], max_words=1, **gen)
+    assert all(re.match(r"^[A-Za-z][A-Za-z'-]*$", r) for r in two), two
+    with pytest.raises(ValueError, match="one per conversation"):
+        complete_words(tiny_chat, batch[:2], ban=bans[:1])
+
+
+def test_word_grammar_keeps_replies_that_already_fit(smollm2):
+    """Greedy SmolLM2: where its free reply is already 1-3 words and not the banned word, the grammar gives
+    the same reply; where it repeats the word or writes a clause, the grammar gives a short other word."""
+    import re
+
+    from irm.llm import complete_words
+
+    llm = LocalChatLLM(smollm2)
+    batch, bans = _word_batch()
+    free = llm.complete_many(batch, max_tokens=12)
+    words, _ = complete_words(llm, batch, ban=bans, max_words=3, max_tokens=12)
+    fits = [bool(re.match(_WORDS_RE, f)) and f.lower() != b for f, b in zip(free, bans, strict=True)]
+    assert any(fits) and not all(fits), free  # the batch has both kinds
+    for f, w, b, ok in zip(free, words, bans, fits, strict=True):
+        assert re.match(_WORDS_RE, w) and w.lower() != b
+        if ok:
+            assert w == f
+
+
+def test_word_grammar_is_cached_by_banned_word_and_absent_clients_answer_freely(tiny_chat, tmp_path):
+    from irm.llm import complete_words
+
+    batch, bans = _word_batch()
+    llm = CachedLLM(tiny_chat, tmp_path)
+    first, constrained = complete_words(llm, batch, ban=bans, max_tokens=8)
+    assert constrained and llm.stats.misses == len(batch)
+    again, _ = complete_words(CachedLLM(tiny_chat, tmp_path), batch, ban=bans, max_tokens=8)
+    assert again == first
+    llm.stats.hits = llm.stats.misses = 0
+    complete_words(llm, batch[:2], ban=["other", None], max_tokens=8)  # another ban: other entries
+    assert llm.stats.misses == 2
+    plain = CachedLLM(Counting(tiny_chat), tmp_path / "plain")  # a client without the grammar
+    replies, constrained = complete_words(plain, batch[:2], ban=bans[:2], max_tokens=8)
+    assert not constrained and not plain.constrains_words
+    assert replies == tiny_chat.complete_many(batch[:2], max_tokens=8)

@@ -476,13 +476,12 @@ def _capture_shard(
     rec_hooks = list(hooks) + ([_FINAL_NORM_HOOK] if logprobs and _FINAL_NORM_HOOK not in hooks else [])
 
     def keep(role: str, m: LoadedModel, batch: list[int], acts: dict[str, Tensor], ids: Tensor,
-             offsets: list[int], shared: Tensor | None = None) -> None:
-        """Store one batch's rows; row ``r`` holds text ``batch[r]`` from column ``offsets[r]`` on
-        (``shared``: the log-softmax at a prefix every row shares, see _response_logprobs)."""
+             offsets: list[int]) -> None:
+        """Store one batch's rows; row ``r`` holds text ``batch[r]`` from column ``offsets[r]`` on."""
         if logprobs:
             assert tok.response is not None
             lp = _response_logprobs(m, acts[_FINAL_NORM_HOOK], ids,
-                                    [tok.response[j] + o for j, o in zip(batch, offsets, strict=True)], shared)
+                                    [tok.response[j] + o for j, o in zip(batch, offsets, strict=True)])
             lp_text[logprob_key(role)].update(zip(batch, lp, strict=True))
         for h in hooks:
             x = acts[h]
@@ -491,15 +490,19 @@ def _capture_shard(
                 rows = x[r, offsets[r] + tok.select[j]]  # [k, d] at the text's own positions
                 store[j] = rows.mean(0, keepdim=True) if tok.reduce_mean else rows
 
-    groups, rest = _prefix_groups(tok, idx) if share_prefix else ([], list(idx))
+    # share_prefix: texts that begin alike (a prompt, or a perturbation and its original) form a prefix
+    # tree; each runs only its tokens after what it shares with its parent, on the parent's cache.
+    tree = _ShareForest(tok, idx) if share_prefix else None
+    rest = tree.alone if tree is not None else list(idx)
     with contextlib.ExitStack() as attached:
         recorders = {role: attached.enter_context(_HookRecorder(m, rec_hooks)) for role, m in models.items()}
-        if groups:
+        if tree is not None and tree.members:
             with ModelThreads(list(models.values())) as side_by_side:  # each model checks itself
-                ok = side_by_side.map([functools.partial(_prefix_cache_ok, m, tok, groups[0], rec_hooks, stop_layer,
-                                                         recorders[role]) for role, m in models.items()])
+                ok = side_by_side.map([functools.partial(_tree_ok, m, tok, tree, rec_hooks, stop_layer,
+                                                         recorders[role], pad_id, logprobs)
+                                       for role, m in models.items()])
             if not all(ok):
-                rest, groups = sorted(j for _, g in groups for j in g) + rest, []
+                rest, tree = sorted(idx), None
         # Sort the texts by length so batches carry little padding; rows go back in dataset order.
         order = sorted(rest, key=lambda j: len(tok.ids[j]))
         batches = [order[b0 : b0 + batch_size] for b0 in range(0, len(order), batch_size)]
@@ -517,22 +520,18 @@ def _capture_shard(
                 acts = _forward_hooks(m, ids, mask, rec_hooks, stop_layer, recorders[role])
                 keep(role, m, batch, acts, ids, [width - n_ for n_ in lens])
                 bar.update(len(batch))
-            for c, members in groups:
-                prefix = torch.tensor([tok.ids[members[0]][:c]])
-                cache = _new_cache(m)
-                pre = _forward_hooks(m, prefix, torch.ones_like(prefix), rec_hooks, stop_layer, recorders[role],
-                                     past=cache)
-                # The prefix's next-token distributions, unembedded once for all of its texts.
-                shared = _log_softmax_at(m, pre[_FINAL_NORM_HOOK][0]) if logprobs else None
-                members = sorted(members, key=lambda j: len(tok.ids[j]))
-                for b0 in range(0, len(members), batch_size):
-                    batch = members[b0 : b0 + batch_size]
-                    ids, mask = _right_padded([tok.ids[j] for j in batch], pad_id)  # [B, c + L]: prefix, rest, pads
-                    acts = _forward_hooks(m, ids[:, c:], mask, rec_hooks, stop_layer, recorders[role],
-                                          past=_expand_cache(cache, len(batch)))
-                    acts = {h: torch.cat([pre[h].expand(len(batch), -1, -1), x], 1) for h, x in acts.items()}
-                    keep(role, m, batch, acts, ids, [0] * len(batch), shared)
-                    bar.update(len(batch))
+            if tree is not None and tree.members:
+
+                def emit(j: int, acts_j: dict[str, Tensor], lp_j: float | None) -> None:
+                    if logprobs:
+                        lp_text[logprob_key(role)][j] = float(lp_j)  # type: ignore[arg-type]
+                    for h in hooks:
+                        rows = acts_j[h][tok.select[j]]
+                        per_text[activation_key(role, h)][j] = rows.mean(0, keepdim=True) if tok.reduce_mean else rows
+                    bar.update(1)
+
+                _TreeRunner(m, tok, rec_hooks, stop_layer, recorders[role], pad_id, logprobs).run(
+                    tree, tree.members, batch_size, emit)
 
         with ModelThreads(list(models.values())) as side_by_side:
             side_by_side.map([functools.partial(run, role, m) for role, m in models.items()])
@@ -554,28 +553,226 @@ def _capture_shard(
     return out
 
 
-# A shared prefix is worth its own forward pass when it saves at least this many token positions.
-_MIN_PREFIX_SAVING = 16
+# A text runs on its parent's key/value cache when the two share at least this many leading tokens.
+_MIN_PREFIX_SAVING = 4
+# Subtrees are run in chunks of about this many texts (the caches a level holds at once).
+_TREE_CHUNK = 256
 
 
-def _prefix_groups(tok: _Tokenized, idx: range) -> tuple[list[tuple[int, list[int]]], list[int]]:
-    """Texts of ``idx`` grouped by the tokens of their prompt: ``([(prefix_len, texts)], other texts)``.
+class _ShareForest:
+    """The texts of a shard in a prefix tree (:class:`irm.models.sharing.ShareTree`), in shard indices:
+    ``members`` (texts with a parent or children, run through the tree) and ``alone`` (full passes)."""
 
-    A group shares its first ``prefix_len`` token ids exactly (texts whose prompt tokenises differently
-    fall in another group), and every text keeps at least one token after the prefix.
+    def __init__(self, tok: _Tokenized, idx: range) -> None:
+        from irm.models.sharing import ShareTree
+
+        js = list(idx)
+        t = ShareTree([tok.ids[j] for j in js], min_shared=_MIN_PREFIX_SAVING)
+        self.parent = {js[k]: (js[p] if p >= 0 else -1) for k, p in enumerate(t.parent)}
+        self.shared = {js[k]: c for k, c in enumerate(t.shared)}
+        self.children = {js[k]: [js[c] for c in cs] for k, cs in enumerate(t.children)}
+        in_tree = {js[k] for k in range(len(js)) if t.parent[k] >= 0 or t.children[k]}
+        self.members = [js[k] for k in t.order if js[k] in in_tree]  # sorted order: subtrees are contiguous
+        self.alone = [j for j in js if j not in in_tree]
+
+    def chunks(self, texts: list[int], max_texts: int) -> list[list[int]]:
+        """``texts`` (whole subtrees, in sorted order) cut between subtrees into chunks of about ``max_texts``."""
+        out: list[list[int]] = [[]]
+        for j in texts:
+            if self.parent[j] < 0 and len(out[-1]) >= max_texts:
+                out.append([])
+            out[-1].append(j)
+        return out
+
+
+class _TreeState:
+    """What a text's children need of it: its key/value cache, activations at every position, and its
+    response log-probabilities by position."""
+
+    __slots__ = ("kv", "acts", "lp_at")
+
+    def __init__(self, kv: list[tuple[Tensor, Tensor]], acts: dict[str, Tensor], lp_at: dict[int, float]) -> None:
+        self.kv, self.acts, self.lp_at = kv, acts, lp_at
+
+
+class _TreeRunner:
+    """Runs whole subtrees of a :class:`_ShareForest` through one model, level by level: roots as
+    right-padded full passes, then each level's texts on their parents' caches (padded to the batch's
+    longest shared part, the rest masked; positions follow from the mask), only their own tokens.
+    Activations at a shared position are the parent's (same tokens before it, a causal model); so is
+    the log-probability of a response token inside the shared part. ``emit(text, acts, logprob_sum)``
+    receives every text's activations at all its positions."""
+
+    def __init__(self, m: LoadedModel, tok: _Tokenized, hooks: Sequence[str], stop_layer: int | None,
+                 recorder: _HookRecorder, pad_id: int, logprobs: bool) -> None:
+        self.m, self.tok, self.hooks, self.stop_layer = m, tok, list(hooks), stop_layer
+        self.recorder, self.pad_id, self.logprobs = recorder, pad_id, logprobs
+
+    def run(self, forest: _ShareForest, texts: list[int], batch_size: int, emit) -> None:
+        for chunk in forest.chunks(texts, _TREE_CHUNK):
+            self._run_chunk(forest, chunk, batch_size, emit)
+
+    def _kv(self, cache, r: int, spans: list[tuple[int, int]]) -> list[tuple[Tensor, Tensor]]:
+        from irm.models.sharing import cache_layers
+
+        out = []
+        for k_, v_ in cache_layers(cache):
+            if k_ is None or k_.numel() == 0:  # a pass stopped early: deeper layers were never run
+                break
+            out.append((torch.cat([k_[r, :, a:b] for a, b in spans], 1).clone(),
+                        torch.cat([v_[r, :, a:b] for a, b in spans], 1).clone()))
+        return out
+
+    def _logprobs(self, finals: list[Tensor], rows: list[int], known: list[dict[int, float]],
+                  shared_at: list[tuple[int, int] | None]) -> list[dict[int, float]]:
+        """Per text ``rows[r]``: log-probability of each response token, from its final-norm outputs
+        ``finals[r]`` ([n, d]); positions in ``known[r]`` are taken from there. A row's first own token
+        (predicted from the last shared position) is unembedded once per ``shared_at[r]`` key (parent,
+        shared length) and looked up for the siblings that share it."""
+        tok = self.tok
+        assert tok.response is not None
+        todo_h, todo_t, owner = [], [], []
+        out: list[dict[int, float]] = []
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r, j in enumerate(rows):
+            d = {}
+            for p in tok.response[j].tolist():
+                if p in known[r]:
+                    d[p] = known[r][p]
+                elif shared_at[r] is not None and p == shared_at[r][1]:
+                    groups.setdefault(shared_at[r], []).append((r, p))
+                else:
+                    todo_h.append(finals[r][p - 1])
+                    todo_t.append(tok.ids[j][p])
+                    owner.append((r, p))
+            out.append(d)
+        for members in groups.values():
+            if len(members) == 1:
+                r, p = members[0]
+                todo_h.append(finals[r][p - 1])
+                todo_t.append(tok.ids[rows[r]][p])
+                owner.append((r, p))
+                continue
+            r0, p0 = members[0]
+            lsm = _log_softmax_at(self.m, finals[r0][p0 - 1 : p0])[0]  # once for the siblings
+            for r, p in members:
+                out[r][p] = float(lsm[tok.ids[rows[r]][p]])
+        if todo_h:
+            lp = _log_softmax_at(self.m, torch.stack(todo_h), torch.tensor(todo_t)).double().cpu().tolist()
+            for (r, p), v in zip(owner, lp, strict=True):
+                out[r][p] = v
+        for r, d in enumerate(out):
+            if not all(np.isfinite(list(d.values()))):
+                raise FloatingPointError(f"Non-finite log-probabilities from {self.m.identity.spec!r} for text "
+                                         f"{rows[r]}; check weights and dtype.")
+        return out
+
+    def _run_chunk(self, forest: _ShareForest, texts: list[int], batch_size: int, emit) -> None:
+        from irm.models.sharing import batches as cut_batches
+        from irm.models.sharing import padded_cache
+
+        tok, m, hooks = self.tok, self.m, self.hooks
+        lens = {j: len(tok.ids[j]) for j in texts}
+        inside = set(texts)
+        states: dict[int, _TreeState] = {}
+        level = [j for j in texts if forest.parent[j] < 0 or forest.parent[j] not in inside]
+        for batch in cut_batches(level, lens, batch_size, m.device):  # roots: right-padded full passes
+            ids, mask = _right_padded([tok.ids[j] for j in batch], self.pad_id)
+            cache = _new_cache(m)
+            acts = _forward_hooks(m, ids, mask, hooks, self.stop_layer, self.recorder, past=cache)
+            per = [{h: acts[h][r, : lens[j]] for h in hooks} for r, j in enumerate(batch)]
+            lps = (self._logprobs([a[_FINAL_NORM_HOOK] for a in per], batch, [{}] * len(batch), [None] * len(batch))
+                   if self.logprobs else [{}] * len(batch))
+            for r, j in enumerate(batch):
+                emit(j, per[r], sum(lps[r].values()) if self.logprobs else None)
+                if forest.children[j]:
+                    states[j] = _TreeState(self._kv(cache, r, [(0, lens[j])]),
+                                           {h: x.clone() for h, x in per[r].items()}, lps[r])
+        while level:
+            level = [c for j in level for c in forest.children[j] if c in inside]
+            own = {j: lens[j] - forest.shared[j] for j in level}
+            nxt: dict[int, _TreeState] = {}
+            for batch in cut_batches(level, own, batch_size, m.device):
+                cs = [forest.shared[j] for j in batch]
+                parents = [states[forest.parent[j]] for j in batch]
+                cache, width = padded_cache(m.hf_model.config, [p.kv for p in parents], cs)
+                ids, tail_mask = _right_padded([tok.ids[j][c:] for j, c in zip(batch, cs, strict=True)], self.pad_id)
+                mask = torch.zeros((len(batch), width + ids.shape[1]), dtype=torch.long)
+                mask[:, width:] = tail_mask
+                for r, c in enumerate(cs):
+                    mask[r, :c] = 1
+                acts = _forward_hooks(m, ids, mask, hooks, self.stop_layer, self.recorder, past=cache)
+                per = [{h: torch.cat([pa.acts[h][:c], acts[h][r, : own[j]]]) for h in hooks}
+                       for r, (j, c, pa) in enumerate(zip(batch, cs, parents, strict=True))]
+                if self.logprobs:
+                    known = [{p: v for p, v in pa.lp_at.items() if p < c} for pa, c in zip(parents, cs, strict=True)]
+                    lps = self._logprobs([a[_FINAL_NORM_HOOK] for a in per], batch, known,
+                                         [(forest.parent[j], c) for j, c in zip(batch, cs, strict=True)])
+                else:
+                    lps = [{}] * len(batch)
+                for r, (j, c) in enumerate(zip(batch, cs, strict=True)):
+                    emit(j, per[r], sum(lps[r].values()) if self.logprobs else None)
+                    if forest.children[j]:
+                        pkv = parents[r].kv
+                        kv = self._kv(cache, r, [(width, width + own[j])])
+                        nxt[j] = _TreeState([(torch.cat([pk[:, :c], k_], 1), torch.cat([pv[:, :c], v_], 1))
+                                             for (pk, pv), (k_, v_) in zip(pkv, kv, strict=False)],
+                                            {h: x.clone() for h, x in per[r].items()}, lps[r])
+            states = nxt
+
+
+def _tree_ok(m: LoadedModel, tok: _Tokenized, forest: _ShareForest, hooks: Sequence[str], stop_layer: int | None,
+             recorder: _HookRecorder, pad_id: int, logprobs: bool) -> bool:
+    """Whether ``m`` gives a small subtree (a root, children with different shared lengths, so some rows
+    have masked cache positions, and a grandchild) the activations and log-probabilities of full passes.
+
+    A model whose forward ignores or mishandles ``past_key_values`` or the positions would otherwise give
+    wrong activations silently; this costs a few short forward passes per shard.
     """
-    assert tok.n_prompt is not None
-    by_key: dict[tuple[int, ...], list[int]] = {}
-    for j in idx:
-        c = min(tok.n_prompt[j], len(tok.ids[j]) - 1)
-        by_key.setdefault(tuple(tok.ids[j][:c]), []).append(j)
-    groups, rest = [], []
-    for key, members in sorted(by_key.items()):
-        if len(key) > 0 and len(members) > 1 and len(key) * (len(members) - 1) >= _MIN_PREFIX_SAVING:
-            groups.append((len(key), members))
-        else:
-            rest += members
-    return groups, rest
+    from irm.models import float32_compute, shared_pass_check
+
+    root = next(j for j in forest.members if forest.parent[j] < 0)
+    kids = list({forest.shared[c]: c for c in forest.children[root]}.values())[:3]
+    grand = [g for c in kids for g in forest.children[c]][:1]
+    picked = [root, *kids, *grand]
+    sub = _ShareForest.__new__(_ShareForest)
+    sub.parent = {j: (forest.parent[j] if j != root else -1) for j in picked}
+    sub.shared = {j: forest.shared[j] for j in picked}
+    sub.children = {j: [c for c in forest.children[j] if c in picked] for j in picked}
+    sub.members, sub.alone = picked, []
+    via: dict[int, tuple[dict[str, Tensor], float | None]] = {}
+    try:
+        with float32_compute(m.hf_model):  # a model in mixed precision is checked exactly
+            _TreeRunner(m, tok, hooks, stop_layer, recorder, pad_id, logprobs).run(
+                sub, picked, len(picked), lambda j, a, lp: via.__setitem__(j, (a, lp)))
+            full = {}
+            for j in picked:
+                ids = torch.tensor([tok.ids[j]])
+                acts = _forward_hooks(m, ids, torch.ones_like(ids), hooks, stop_layer, recorder)
+                lp = (_response_logprobs(m, acts[_FINAL_NORM_HOOK], ids, [tok.response[j]])[0]  # type: ignore[index]
+                      if logprobs else None)
+                full[j] = ({h: x[0] for h, x in acts.items()}, lp)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not share prefixes with this model
+        log.warning("%s: running texts on a shared prefix's cache fails (%s: %s); capturing with full forward "
+                    "passes.", m.identity.spec, type(e).__name__, e)
+        return False
+    for h in hooks:
+        got = torch.cat([via[j][0][h] for j in picked])
+        want = torch.cat([full[j][0][h] for j in picked])
+        ok, err = shared_pass_check(got, want, m.hf_model, half=3e-2, relative=True)
+        if not ok:
+            log.warning("%s: activations at %s through a cached prefix differ from a full pass by %.2g "
+                        "(relative); capturing with full forward passes.", m.identity.spec, h, err)
+            return False
+    if logprobs:
+        got_lp = np.array([via[j][1] for j in picked])
+        want_lp = np.array([full[j][1] for j in picked])
+        ok, err = shared_pass_check(torch.from_numpy(got_lp), torch.from_numpy(want_lp), m.hf_model)
+        if not ok:
+            log.warning("%s: log-probabilities through a cached prefix differ from a full pass by %.2g; "
+                        "capturing with full forward passes.", m.identity.spec, err)
+            return False
+    return True
 
 
 def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -592,16 +789,6 @@ def _new_cache(m: LoadedModel):
     from transformers import DynamicCache
 
     return DynamicCache(config=m.hf_model.config)
-
-
-def _expand_cache(cache, n: int):
-    """A copy of a one-row key/value cache for ``n`` rows (a forward pass appends to the cache it gets)."""
-    import copy
-
-    out = copy.deepcopy(cache)
-    if n > 1:
-        out.batch_repeat_interleave(n)
-    return out
 
 
 def _prefix_cache_ok(m: LoadedModel, tok: _Tokenized, group: tuple[int, list[int]], hooks: Sequence[str],

@@ -303,6 +303,9 @@ def _parse_choices(reply: str, cands: list[str], k: int) -> tuple[list[str] | No
     return None, ("no number in the reply" if not nums else f"no number between 1 and {len(cands)} in the reply")
 
 
+_WORDS_MAX = 3  # words in a constrained step-2 reply (the parser accepts up to 5 from a free one)
+
+
 def _parse_word(reply: str, word: str) -> tuple[str | None, str | None]:
     line = next((ln for ln in (reply or "").strip().splitlines() if ln.strip()), "")
     line = re.sub(r"^\s*(?:replacement|answer|new word|rewrite)\s*:\s*", "", line, flags=re.I)
@@ -356,8 +359,11 @@ class LLMRewriteGenerator:
 
     STEP1 = ("auto", "scored", "generate")
 
+    STEP2 = ("words", "free")
+
     def __init__(self, llm: Any, *, max_spans: int = 4, max_tokens: int = 96, temperature: float = 0.0,
-                 seed: int = 0, format: str = "choices", step1: str = "generate", pick_share: float = 0.8) -> None:
+                 seed: int = 0, format: str = "choices", step1: str = "generate", pick_share: float = 0.8,
+                 step2: str = "words") -> None:
         from irm.llm import LLMClient, ParseLog
 
         if not isinstance(llm, LLMClient):
@@ -375,6 +381,11 @@ class LLMRewriteGenerator:
                              "client with choice_logprobs, e.g. kind 'local'), 'generate' parses a generated reply "
                              "of word numbers (the default: on bench_llm_rewrite.py's comparisons its rewrites were "
                              "valid more often, 75% against 70%), 'auto' scores where the client exposes probabilities")
+        if step2 not in self.STEP2:
+            raise ValueError(f"step2 must be one of {self.STEP2}, got {step2!r}: 'words' decodes each replacement under a "
+                             "grammar (1-3 words of letters, never the original word; where the client supports it, "
+                             "e.g. kind 'local', else it answers freely), 'free' generates and parses the reply as is")
+        self.step2 = step2
         if not 0 < pick_share <= 1:
             raise ValueError(f"pick_share must be in (0, 1], got {pick_share}")
         if step1 == "auto":
@@ -491,12 +502,17 @@ class LLMRewriteGenerator:
     def _rewrite_words(self, texts: list[str], attribute: Attribute, direction: int, gen: dict[str, Any],
                        spans: dict[int, list[str]], out: list[Perturbation | None], fail: Callable[..., None],
                        ctx: dict[str, Any]) -> None:
-        """Step 2: one short generated replacement per chosen word."""
-        from irm.llm import complete_many
+        """Step 2: one short generated replacement per chosen word (under the word grammar of
+        :func:`irm.llm.complete_words` with ``step2 = "words"``)."""
+        from irm.llm import complete_many, complete_words
 
         jobs = [(i, w) for i in sorted(spans) for w in spans[i]]
         g2 = dict(gen, max_tokens=min(gen["max_tokens"], 12))
-        replies2 = complete_many(self.llm, [_word_messages(texts[i], attribute, direction, w) for i, w in jobs], **g2)
+        msgs = [_word_messages(texts[i], attribute, direction, w) for i, w in jobs]
+        if self.step2 == "words":
+            replies2, _ = complete_words(self.llm, msgs, ban=[w for _, w in jobs], max_words=_WORDS_MAX, **g2)
+        else:
+            replies2 = complete_many(self.llm, msgs, **g2)
         mapping: dict[int, dict[str, str]] = defaultdict(dict)
         errors: dict[int, list[str]] = defaultdict(list)
         for (i, w), r in zip(jobs, replies2, strict=True):

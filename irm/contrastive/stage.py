@@ -88,6 +88,9 @@ class ContrastiveConfig:
     llm_step1: str = _h("How 'llm_rewrite' picks the words to change: 'generate' (a reply of word numbers, parsed), "
                         "'scored' (constrained: read off the LLM's probabilities of the words' letters; needs "
                         "token probabilities) or 'auto' (scored where the client has them).", "generate")
+    llm_step2: str = _h("How 'llm_rewrite' writes each replacement: 'words' (decoded under a grammar: 1-3 words of "
+                        "letters, never the original word; clients without it answer freely) or 'free' (generated "
+                        "and parsed as is).", "words")
     max_new_tokens: int = _h("Response length when comparisons are generated (source pair/base).", 24)
     temperature: float = _h("Sampling temperature when comparisons are generated.", 1.0)
     rms: list[dict[str, Any]] = _h("Extra RMs to explain, e.g. [{kind = 'classifier', params = {path = '...', "
@@ -112,6 +115,8 @@ class ContrastiveConfig:
                 f"{self.n_comparisons}, {self.n_variants}, {self.n_bootstrap}, {self.n_examples}.")
         if self.llm_step1 not in LLMRewriteGenerator.STEP1:
             raise ConfigError(f"[contrastive] llm_step1 = {self.llm_step1!r}: choose from {list(LLMRewriteGenerator.STEP1)}.")
+        if self.llm_step2 not in LLMRewriteGenerator.STEP2:
+            raise ConfigError(f"[contrastive] llm_step2 = {self.llm_step2!r}: choose from {list(LLMRewriteGenerator.STEP2)}.")
         if self.llm_comparisons < 1:
             raise ConfigError(f"[contrastive] llm_comparisons must be >= 1, got {self.llm_comparisons}.")
         for a in self.attributes:
@@ -264,7 +269,7 @@ def _generators(ctx: RunContext, cfg: ContrastiveConfig) -> list[Any]:
         if name == "llm_rewrite":
             reuse = (cfg.llm.kind == "local" and ctx.base is not None and cfg.llm.model == ctx.cfg.models.base)
             llm = cfg.llm.build(model=ctx.base if reuse else None)
-            gens.append(LLMRewriteGenerator(llm, step1=cfg.llm_step1, **cfg.llm.generation))
+            gens.append(LLMRewriteGenerator(llm, step1=cfg.llm_step1, step2=cfg.llm_step2, **cfg.llm.generation))
         else:
             gens.append(build_generator(name))
     return gens

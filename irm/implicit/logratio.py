@@ -12,7 +12,7 @@ IRM has to beat.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,12 @@ import torch
 from jaxtyping import Float
 
 from irm.core.log import get_logger
+from irm.models.sharing import CALL_COST_TOKENS as _CALL_COST_TOKENS  # noqa: F401 - tests read them here
+from irm.models.sharing import MIN_SHARED as _MIN_SHARED  # noqa: F401
+from irm.models.sharing import ShareTree as _ShareTree
+from irm.models.sharing import batches as _batches
+from irm.models.sharing import cache_layers as _cache_layers
+from irm.models.sharing import padded_cache
 from irm.rewards.base import BaseRewardModel, register_reward_model
 
 log = get_logger(__name__)
@@ -133,93 +139,10 @@ def _shared_prefix_ok(model, scorer: _Scorer, tree: _ShareTree) -> bool:
     return checked[key]
 
 
-# A text runs on an earlier text's cache when they share at least this many leading tokens.
-_MIN_SHARED = 4
 # Texts whose caches may be held at once: the tree is run in chunks of whole subtrees of about this size.
 _CHUNK_TEXTS = 1024
 
 
-def _batches(items: list[int], n_tokens: Sequence[int] | Mapping[int, int], max_batch: int, device) -> list[list[int]]:
-    """``items`` cut into batches of at most ``max_batch`` that waste little on padding.
-
-    Sorted by length, a batch costs its rows x its longest row in token passes plus a fixed cost per
-    forward call; the cheapest contiguous cut is found by dynamic programming. On a CPU a call of
-    SmolLM2 costs about as much as 20 tokens (40 ms against 1.9 ms per token, measured), so a batch is
-    split where its rows differ by more than that; on a GPU a call costs far more than a token, so
-    batches stay full.
-    """
-    call = _CALL_COST_TOKENS if torch.device(device).type == "cpu" else 100 * _CALL_COST_TOKENS
-    order = sorted(items, key=lambda i: n_tokens[i])
-    lens = [n_tokens[i] for i in order]
-    n = len(order)
-    cost = [0.0] + [float("inf")] * n
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):  # cost[j]: the first j items; the last batch is order[i:j], longest lens[j - 1]
-        for i in range(max(0, j - max_batch), j):
-            c = cost[i] + call + lens[j - 1] * (j - i)
-            if c < cost[j]:
-                cost[j], cut[j] = c, i
-    out, j = [], n
-    while j > 0:
-        out.append(order[cut[j] : j])
-        j = cut[j]
-    return out[::-1]
-
-
-# What a forward call costs beyond its tokens, in token passes (see _batches).
-_CALL_COST_TOKENS = 16
-
-
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    k = 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
-
-
-class _ShareTree:
-    """Which text runs on which earlier text's key/value cache: a prefix tree over the token ids.
-
-    In sorted order a text shares the most leading tokens with any earlier text exactly with its
-    predecessor (``L`` tokens). Its *parent* is the first text of the run of neighbours that all share
-    those ``L`` tokens; it runs only its tokens after them, on the parent's cache. Every token that
-    two texts share at the start is then computed once (with at least one token of each text left to
-    run, and ``L >= _MIN_SHARED``). A parent is always earlier in sorted order and shares fewer tokens
-    with its own parent, so the texts run level by level: roots (full passes), their children, ...
-    A subtree is a contiguous run of the sorted order that starts at its root.
-    """
-
-    def __init__(self, ids_of: list[list[int]]) -> None:
-        n = len(ids_of)
-        self.order = sorted(range(n), key=lambda i: ids_of[i])
-        self.parent = [-1] * n
-        self.shared = [0] * n
-        self.depth = [0] * n
-        self.children: list[list[int]] = [[] for _ in range(n)]
-        # lcp_prev[k]: tokens that order[k] shares with order[k - 1]
-        lcp_prev = [0] + [_lcp(ids_of[self.order[k - 1]], ids_of[self.order[k]]) for k in range(1, n)]
-        for k in range(1, n):
-            i = self.order[k]
-            shared = min(lcp_prev[k], len(ids_of[i]) - 1)
-            if shared < _MIN_SHARED:
-                continue
-            t = k - 1  # walk back to the first text of the run sharing `shared` tokens
-            while t > 0 and lcp_prev[t] >= shared:
-                t -= 1
-            p = self.order[t]
-            self.parent[i], self.shared[i], self.depth[i] = p, shared, self.depth[p] + 1
-            self.children[p].append(i)
-        self.n_shared = sum(1 for p in self.parent if p >= 0)
-
-    def chunks(self, max_texts: int) -> list[list[int]]:
-        """Whole subtrees, in sorted order, grouped into chunks of about ``max_texts`` texts."""
-        out: list[list[int]] = [[]]
-        for i in self.order:
-            if self.parent[i] < 0 and len(out[-1]) >= max_texts:
-                out.append([])
-            out[-1].append(i)
-        return out
 
 
 class _State:
@@ -334,18 +257,8 @@ class _Scorer:
         """Texts ``(i, parent state, shared length c)``: row r attends to its parent's first c positions
         (a cache padded to the batch's largest c, the rest masked) and runs only its own tokens. Returns
         the states of the texts in ``keep``."""
-        from transformers import DynamicCache
 
-        big_c = max(c for _, _, c in batch)
-        sub = DynamicCache(config=self.hf.config)
-        n_layers = len(batch[0][1].kv)
-        for layer in range(n_layers):
-            k0, v0 = batch[0][1].kv[layer]
-            ks = k0.new_zeros((len(batch), k0.shape[0], big_c, k0.shape[-1]))
-            vs = v0.new_zeros((len(batch), v0.shape[0], big_c, v0.shape[-1]))
-            for r, (_, st, c) in enumerate(batch):
-                ks[r, :, :c], vs[r, :, :c] = st.kv[layer][0][:, :c], st.kv[layer][1][:, :c]
-            sub.update(ks, vs, layer)
+        sub, big_c = padded_cache(self.hf.config, [st.kv for _, st, _ in batch], [c for _, _, c in batch])
         tails = [self.ids_of[i][c:] for i, _, c in batch]
         ids, tail_mask = self._padded(tails, left=False)
         mask = torch.zeros((len(batch), big_c + ids.shape[1]), dtype=torch.long)
@@ -411,13 +324,6 @@ class _Scorer:
                         "using full passes.", self.model.identity.spec, err)
             return False
         return True
-
-
-def _cache_layers(cache):
-    """(keys, values) per layer of a transformers cache ([batch, heads, positions, head_dim] each)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
 def token_log_ratios(

@@ -28,6 +28,7 @@ from irm.llm.base import (
     build_llm,
     choice_logprobs,
     complete_many,
+    complete_words,
     register_llm,
 )
 from irm.llm.cache import CachedLLM, CacheStats
@@ -45,7 +46,7 @@ from irm.llm.parsing import (
 
 __all__ = [
     "Message", "LLMClient", "LLMError", "LocalChatLLM", "OpenAICompatibleLLM", "CachedLLM", "CacheStats",
-    "choice_logprobs", "complete_many", "ParsedReply", "ParseLog", "ReplyParseError", "parse_reply",
+    "choice_logprobs", "complete_many", "complete_words", "ParsedReply", "ParseLog", "ReplyParseError", "parse_reply",
     "register_parser", "REPLY_PARSERS", "LLM_CLIENTS", "register_llm", "build_llm", "LLMConfig",
     "ENV_BASE_URL", "ENV_API_KEY",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 __all__ = ["Message", "LLMClient", "LLMError", "check_messages", "check_params", "complete_many",
-           "choice_logprobs", "LLM_CLIENTS", "register_llm", "build_llm", "ENV_BASE_URL", "ENV_API_KEY"]
+           "complete_words", "choice_logprobs", "LLM_CLIENTS", "register_llm", "build_llm", "ENV_BASE_URL", "ENV_API_KEY"]
 
 Message = dict[str, str]
 _ROLES = ("system", "user", "assistant")
@@ -85,6 +85,34 @@ def complete_many(
     if callable(fn):
         return list(fn(batch, max_tokens=max_tokens, temperature=temperature, seed=seed))
     return [client.complete(m, max_tokens=max_tokens, temperature=temperature, seed=seed) for m in batch]
+
+
+def complete_words(
+    client: LLMClient, batch: Sequence[list[Message]], *, ban: Sequence[str | None] | None = None,
+    max_words: int = 3, max_tokens: int = 12, temperature: float = 0.0, seed: int = 0,
+) -> tuple[list[str], bool]:
+    """Replies that are a word or a short phrase: ``(replies, constrained)``.
+
+    A client with ``complete_words`` (:class:`LocalChatLLM`, and :class:`CachedLLM` around one) decodes
+    under a grammar: the reply is 1 to ``max_words`` words of letters (``'`` and ``-`` inside a word), and
+    ends where the model would go on with anything else (punctuation, a new line, a clause past
+    ``max_words``); ``ban[i]`` (a word) cannot be the reply to conversation ``i`` (its first tokens are
+    masked). Any other client answers freely (``constrained`` False), so callers still parse the replies.
+
+    >>> replies, constrained = complete_words(llm, batch, ban=["dull"], max_words=3)
+    """
+    if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
+        raise ValueError(f"max_words must be an int >= 1, got {max_words!r}")
+    bans = list(ban) if ban is not None else [None] * len(batch)
+    if len(bans) != len(batch):
+        raise ValueError(f"ban has {len(bans)} entries for {len(batch)} conversations; give one per conversation "
+                         "(None: nothing banned)")
+    fn = getattr(client, "complete_words", None)
+    if callable(fn):
+        out = list(fn(batch, ban=bans, max_words=max_words, max_tokens=max_tokens, temperature=temperature,
+                      seed=seed))
+        return out, bool(getattr(client, "constrains_words", True))
+    return complete_many(client, batch, max_tokens=max_tokens, temperature=temperature, seed=seed), False
 
 
 def choice_logprobs(client: Any, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:

@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from irm.core.log import get_logger
-from irm.llm.base import LLMClient, Message, check_messages, check_params, choice_logprobs, complete_many
+from irm.llm.base import (
+    LLMClient,
+    Message,
+    check_messages,
+    check_params,
+    choice_logprobs,
+    complete_many,
+    complete_words,
+)
 
 __all__ = ["CachedLLM", "CacheStats"]
 
@@ -56,6 +64,9 @@ class CachedLLM:
         # at a time (a server) is asked one by one and each reply is saved as it arrives, so a run whose
         # server dies for good resumes from every reply it got.
         self._batches = callable(getattr(client, "complete_many", None))
+        # complete_words decodes under its grammar only where the wrapped client does.
+        self.constrains_words = bool(callable(getattr(client, "complete_words", None))
+                                     and getattr(client, "constrains_words", True))
 
     def key(self, messages: list[Message], *, max_tokens: int, temperature: float, seed: int) -> str:
         return self._key(messages, {"max_tokens": int(max_tokens), "temperature": float(temperature),
@@ -119,6 +130,33 @@ class CachedLLM:
             got = dict(zip(uniq, replies, strict=True))
             for i in todo:
                 out[i] = got[keys[i]]
+        return [str(r) for r in out]
+
+    def complete_words(self, batch: Sequence[list[Message]], *, ban: Sequence[str | None], max_words: int,
+                       max_tokens: int, temperature: float, seed: int) -> list[str]:
+        """:func:`complete_words` of the wrapped client, cached like replies (the grammar and the banned word
+        are part of the key, so constrained and free replies never mix)."""
+        check_params(max_tokens, temperature, seed)
+        batch = [check_messages(m) for m in batch]
+        gen = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        params = [{**gen, "kind": "words", "max_words": int(max_words), "ban": b} for b in ban]
+        keys = [self._key(m, p) for m, p in zip(batch, params, strict=True)]
+        out: list[str | None] = [self._get(k) for k in keys]
+        todo = list(dict.fromkeys(keys[i] for i, r in enumerate(out) if r is None))
+        self.stats.hits += sum(r is not None for r in out)
+        self.stats.misses += sum(r is None for r in out)
+        if todo:
+            first = {k: keys.index(k) for k in todo}
+            parts = [todo] if self._batches else [[k] for k in todo]
+            got: dict[str, str] = {}
+            for part in parts:
+                rows = [first[k] for k in part]
+                replies, _ = complete_words(self.client, [batch[i] for i in rows], ban=[ban[i] for i in rows],
+                                            max_words=max_words, **gen)
+                for k, i, r in zip(part, rows, replies, strict=True):
+                    self._put(k, batch[i], params[i], r)
+                    got[k] = r
+            out = [r if r is not None else got[k] for k, r in zip(keys, out, strict=True)]
         return [str(r) for r in out]
 
     def choice_logprobs(self, batch: Sequence[list[Message]], choices: Sequence[str]) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,8 +104,22 @@ class LocalChatLLM:
         with unwrapped(self.model.hf_model):  # no TransformerBridge wrappers: generation needs no hook
             return self._complete_many(batch, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
+    def complete_words(self, batch: Sequence[list[Message]], *, ban: Sequence[str | None] | None = None,
+                       max_words: int = 3, max_tokens: int = 12, temperature: float = 0.0, seed: int = 0) -> list[str]:
+        """Replies decoded under :class:`_WordGrammar` (see :func:`irm.llm.complete_words`): 1 to
+        ``max_words`` words of letters, ending where the model would go on with anything else;
+        ``ban[i]`` cannot be spelled as reply ``i``."""
+        from irm.models import unwrapped
+
+        bans = list(ban) if ban is not None else [None] * len(batch)
+        if len(bans) != len(batch):
+            raise ValueError(f"ban has {len(bans)} entries for {len(batch)} conversations")
+        with unwrapped(self.model.hf_model):
+            return self._complete_many(batch, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                       words=(int(max_words), bans))
+
     def _complete_many(self, batch: Sequence[list[Message]], *, max_tokens: int, temperature: float,
-                       seed: int) -> list[str]:
+                       seed: int, words: tuple[int, list[str | None]] | None = None) -> list[str]:
         from transformers import GenerationConfig
 
         check_params(max_tokens, temperature, seed)
@@ -157,8 +172,12 @@ class LocalChatLLM:
 
                 def run(c: int, shared):
                     idx = chunks[c]
+                    grammar = None if words is None else _WordGrammar(
+                        self._vocab_classes(), tok, words[0], [words[1][i] for i in idx], eos)
                     args = ([ids_all[i] for i in idx], gen_cfg, [keys[i] for i in idx], sampler)
-                    return self._generate(*args, shared, len(prefix)) if shared is not None else self._generate(*args)
+                    if shared is not None:
+                        return self._generate(*args, shared, len(prefix), grammar=grammar)
+                    return self._generate(*args, grammar=grammar)
 
                 results = mt.map([lambda c=c, shared=cache: run(c, shared) for c in group])
                 if r0 == 0 and cache is not None:  # once per call: the cached prefix against a plain pass
@@ -176,7 +195,7 @@ class LocalChatLLM:
         return [x if x is not None else "" for x in out]
 
     def _generate(self, chunk_ids: list[list[int]], gen_cfg, keys: list[tuple[int, int, int]],
-                  temperature: float | None, cache=None, n_prefix: int = 0):
+                  temperature: float | None, cache=None, n_prefix: int = 0, grammar: _WordGrammar | None = None):
         """``hf.generate`` on one batch: left-padded prompts, or with ``cache`` (the key/value cache of
         the first ``n_prefix`` tokens, which every prompt shares) [prefix, pads, rest] rows whose
         positions skip the pads, so only the rest is run. ``temperature`` None is greedy, else each row
@@ -202,11 +221,24 @@ class LocalChatLLM:
             if len(rest) > 1:
                 past.batch_repeat_interleave(len(rest))
             kw["past_key_values"] = past
+        procs = []
+        if grammar is not None:  # the grammar masks first, so a sampler draws only among allowed tokens
+            grammar.width = ids.shape[1]
+            procs.append(grammar)
         if temperature is not None:
-            kw["logits_processor"] = RowSampler.processors(keys, dev, temperature=temperature)
+            procs += list(RowSampler.processors(keys, dev, temperature=temperature))
+        if procs:
+            from transformers import LogitsProcessorList
+
+            kw["logits_processor"] = LogitsProcessorList(procs)
         with torch.no_grad():
             res = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg, **kw)
         return res, ids.shape[1]
+
+    def _vocab_classes(self) -> _VocabClasses:
+        if getattr(self, "_vocab", None) is None:
+            self._vocab = _VocabClasses(self.model.tokenizer)
+        return self._vocab
 
     def _prefill(self, prefix: list[int]):
         """The key/value cache of ``prefix`` (the start every prompt of a call shares: system prompt,
@@ -320,3 +352,102 @@ class LocalChatLLM:
 
     def __repr__(self) -> str:
         return f"LocalChatLLM(name={self.name!r}, batch_size={self.batch_size})"
+
+
+class _VocabClasses:
+    """Each token of a vocabulary decoded once, and classed for :class:`_WordGrammar`: ``start`` (letters,
+    with or without a leading space: may begin a reply), ``cont`` (letters, ``'`` or ``-`` with no leading
+    space: continues the current word), ``new`` (a space, then letters: begins another word)."""
+
+    _START = re.compile(r"^ ?[A-Za-z][A-Za-z'-]*$")
+    _CONT = re.compile(r"^[A-Za-z'-]+$")
+    _NEW = re.compile(r"^ [A-Za-z][A-Za-z'-]*$")
+
+    def __init__(self, tokenizer) -> None:
+        import torch
+
+        n = len(tokenizer)
+        self.text = tokenizer.batch_decode([[i] for i in range(n)])
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+        def mask(rx: re.Pattern) -> torch.Tensor:
+            return torch.tensor([i not in special and bool(rx.match(t)) for i, t in enumerate(self.text)])
+
+        self.start, self.cont, self.new = mask(self._START), mask(self._CONT), mask(self._NEW)
+        # A word-level vocabulary (decode puts a space between any two tokens): every token is a word.
+        plain = [i for i in torch.nonzero(self.cont).flatten().tolist()[:50] if self.text[i].isalpha()][:2]
+        if len(plain) == 2 and tokenizer.decode(plain) != self.text[plain[0]] + self.text[plain[1]]:
+            self.new = self.start.clone()
+            self.cont = torch.zeros_like(self.cont)
+        self.by_lower: dict[str, list[int]] = {}
+        for i, t in enumerate(self.text):
+            if i not in special:
+                self.by_lower.setdefault(t.lower(), []).append(i)
+
+
+class _WordGrammar:
+    """A logits processor: each row's reply is 1 to ``max_words`` words, then the end.
+
+    The first token must begin a word; after it, a token that continues the word or (below ``max_words``)
+    begins another is allowed, and wherever the model's own first choice is anything else (punctuation, a
+    new line, the end, a word past ``max_words``) the reply ends there: it is forced to ``eos``. A token
+    that would make the reply spell the row's banned word (or its first ``_BAN_PREFIX`` letters) is masked, and the reply
+    cannot end while it equals that word.
+    """
+
+    _BAN_PREFIX = 4
+
+    def __init__(self, vocab: _VocabClasses, tokenizer, max_words: int, bans: list[str | None], eos: int) -> None:
+        self.vocab, self.tok, self.max_words, self.eos = vocab, tokenizer, int(max_words), int(eos)
+        self.bans = [b.strip().lower() if b and b.strip() else None for b in bans]
+        self.width = 0  # the prompt's width in the batch; set per generate call
+
+    def _spells_ban(self, so_far: str, ban: str) -> list[int]:
+        """Tokens that, appended to ``so_far``, make the reply a beginning of ``ban`` of at least
+        ``_BAN_PREFIX`` letters (or all of it): "w" may still begin "worst" when "wonderful" is banned,
+        "wond" may not."""
+        head = so_far.lstrip().lower()
+        if not ban.startswith(head):
+            return []
+        rest, out = ban[len(head):], []
+        for k in range(max(1, min(len(ban), self._BAN_PREFIX) - len(head)), len(rest) + 1):
+            out += self.vocab.by_lower.get(rest[:k], [])
+            if not head:  # the reply's first token may carry a leading space
+                out += self.vocab.by_lower.get(" " + rest[:k], [])
+        return out
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        v = self.vocab
+        n_vocab = min(scores.shape[1], len(v.text))
+        neg = torch.finfo(scores.dtype).min
+        # Out of place: generate keeps the raw logits (output_logits) as this very tensor.
+        keep = torch.ones(scores.shape, dtype=torch.bool)
+        for r in range(scores.shape[0]):
+            gen = input_ids[r, self.width:].tolist()
+            if self.eos in gen:  # finished: generate pads this row whatever it is given
+                continue
+            text = self.tok.decode(gen) if gen else ""
+            allow = torch.zeros(scores.shape[1], dtype=torch.bool)
+            if not gen:
+                allow[:n_vocab] = v.start[:n_vocab]
+            else:
+                n_words = len(text.split())
+                best = int(scores[r].argmax())
+                goes_on = best < n_vocab and (bool(v.cont[best]) or (bool(v.new[best]) and n_words < self.max_words))
+                if goes_on:
+                    allow[:n_vocab] = v.cont[:n_vocab] | (v.new[:n_vocab] if n_words < self.max_words else False)
+                allow[self.eos] = True
+            ban = self.bans[r]
+            if ban is not None:
+                spells = [i for i in self._spells_ban(text, ban) if i < n_vocab]
+                allow[spells] = False
+                if text.strip().lower() == ban:  # not done while it is the banned word
+                    allow[self.eos] = False
+                    if gen and not allow.any():
+                        allow[:n_vocab] = v.cont[:n_vocab] | v.new[:n_vocab]
+            if not allow.any():
+                allow[self.eos] = True
+            keep[r] = allow
+        return scores.masked_fill(~keep.to(scores.device), neg)
