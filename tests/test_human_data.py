@@ -212,3 +212,19 @@ def test_irm_evaluation_takes_a_fixed_subset_of_each_corpus(human_data):
     assert ev["corpora"]["tweets"]["n_texts"] == 50 == len(scores["a"]["tweets"])
     assert corpora["tweets"].ids == again["tweets"].ids  # the same subset every time (seeded)
     assert set(corpora["tweets"].splits) == {"test"}
+
+
+def test_corpus_openings_are_train_prompts_as_a_prompt_source(corpora, human_data):
+    """``[data] prompts = "human:..."``: the first words of train texts, fixed, deduplicated, never a test text's."""
+    from irm.data import load_texts
+    from irm.data.human import corpus_openings
+
+    got = load_texts("human:movies,nyt:4")
+    assert got == corpus_openings(["movies", "nyt"], n_words=4) and len(got) == len(set(got)) > 150
+    assert all(len(p.split()) == 4 for p in got)
+    train_openings = {" ".join(t.split()[:4]) for n in ("movies", "nyt") for t in corpora[n].subset("train").texts}
+    assert set(got) <= train_openings  # drawn from train texts only
+    assert load_texts("human:") == corpus_openings(None)  # every corpus, 5 words
+    for bad, msg in [("human:moviez", "Unknown human-rated corpus"), ("human:movies:five", "number of words")]:
+        with pytest.raises(ValueError, match=msg):
+            load_texts(bad)

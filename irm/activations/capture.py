@@ -498,7 +498,7 @@ def _capture_shard(
         recorders = {role: attached.enter_context(_HookRecorder(m, rec_hooks)) for role, m in models.items()}
         if tree is not None and tree.members:
             with ModelThreads(list(models.values())) as side_by_side:  # each model checks itself
-                ok = side_by_side.map([functools.partial(_tree_ok, m, tok, tree, rec_hooks, stop_layer,
+                ok = side_by_side.map([functools.partial(_tree_ok_once, m, tok, tree, rec_hooks, stop_layer,
                                                          recorders[role], pad_id, logprobs)
                                        for role, m in models.items()])
             if not all(ok):
@@ -556,7 +556,11 @@ def _capture_shard(
 # A text runs on its parent's key/value cache when the two share at least this many leading tokens.
 _MIN_PREFIX_SAVING = 4
 # Subtrees are run in chunks of about this many texts (the caches a level holds at once).
-_TREE_CHUNK = 256
+_TREE_CHUNK = 1024
+# A text runs on its grandparent's cache when its parent's saves it fewer than this many more tokens.
+_MIN_LEVEL_GAIN = 8
+# Siblings (one parent, one shared length) this many or more get batches of their own.
+_SIBLING_BATCH = 8
 
 
 class _ShareForest:
@@ -568,10 +572,21 @@ class _ShareForest:
 
         js = list(idx)
         t = ShareTree([tok.ids[j] for j in js], min_shared=_MIN_PREFIX_SAVING)
-        self.parent = {js[k]: (js[p] if p >= 0 else -1) for k, p in enumerate(t.parent)}
-        self.shared = {js[k]: c for k, c in enumerate(t.shared)}
-        self.children = {js[k]: [js[c] for c in cs] for k, cs in enumerate(t.children)}
-        in_tree = {js[k] for k in range(len(js)) if t.parent[k] >= 0 or t.children[k]}
+        parent, shared = list(t.parent), list(t.shared)
+        # A level costs forward calls of its own: a text that shares only a few tokens more with its parent
+        # than the parent with its own runs on the grandparent's cache instead (a template's words that
+        # begin alike stay siblings; a perturbation stays on its original).
+        for k in t.order:  # parents come first
+            while parent[k] >= 0 and parent[parent[k]] >= 0 and shared[k] - shared[parent[k]] < _MIN_LEVEL_GAIN:
+                parent[k], shared[k] = parent[parent[k]], shared[parent[k]]
+        children: list[list[int]] = [[] for _ in js]
+        for k in t.order:
+            if parent[k] >= 0:
+                children[parent[k]].append(k)
+        self.parent = {js[k]: (js[p] if p >= 0 else -1) for k, p in enumerate(parent)}
+        self.shared = {js[k]: c for k, c in enumerate(shared)}
+        self.children = {js[k]: [js[c] for c in cs] for k, cs in enumerate(children)}
+        in_tree = {js[k] for k in range(len(js)) if parent[k] >= 0 or children[k]}
         self.members = [js[k] for k in t.order if js[k] in in_tree]  # sorted order: subtrees are contiguous
         self.alone = [j for j in js if j not in in_tree]
 
@@ -669,7 +684,7 @@ class _TreeRunner:
 
     def _run_chunk(self, forest: _ShareForest, texts: list[int], batch_size: int, emit) -> None:
         from irm.models.sharing import batches as cut_batches
-        from irm.models.sharing import padded_cache
+        from irm.models.sharing import padded_cache, repeated_cache
 
         tok, m, hooks = self.tok, self.m, self.hooks
         lens = {j: len(tok.ids[j]) for j in texts}
@@ -692,18 +707,36 @@ class _TreeRunner:
             level = [c for j in level for c in forest.children[j] if c in inside]
             own = {j: lens[j] - forest.shared[j] for j in level}
             nxt: dict[int, _TreeState] = {}
-            for batch in cut_batches(level, own, batch_size, m.device):
+            # Siblings that share the same part of one parent (a template's words, a prompt's responses)
+            # batch together: their cache is the parent's broadcast, their shared activations one slice.
+            by_key: dict[tuple[int, int], list[int]] = {}
+            for j in level:
+                by_key.setdefault((forest.parent[j], forest.shared[j]), []).append(j)
+            pooled = [j for g in by_key.values() if len(g) < _SIBLING_BATCH for j in g]
+            cut = [b for g in by_key.values() if len(g) >= _SIBLING_BATCH for b in cut_batches(g, own, batch_size, m.device)]
+            cut += cut_batches(pooled, own, batch_size, m.device) if pooled else []
+            for batch in cut:
                 cs = [forest.shared[j] for j in batch]
                 parents = [states[forest.parent[j]] for j in batch]
-                cache, width = padded_cache(m.hf_model.config, [p.kv for p in parents], cs)
+                uniform = len({(forest.parent[j], c) for j, c in zip(batch, cs, strict=True)}) == 1
+                if uniform:
+                    cache, width = repeated_cache(m.hf_model.config, parents[0].kv, cs[0], len(batch)), cs[0]
+                else:
+                    cache, width = padded_cache(m.hf_model.config, [p.kv for p in parents], cs)
                 ids, tail_mask = _right_padded([tok.ids[j][c:] for j, c in zip(batch, cs, strict=True)], self.pad_id)
                 mask = torch.zeros((len(batch), width + ids.shape[1]), dtype=torch.long)
                 mask[:, width:] = tail_mask
                 for r, c in enumerate(cs):
                     mask[r, :c] = 1
                 acts = _forward_hooks(m, ids, mask, hooks, self.stop_layer, self.recorder, past=cache)
-                per = [{h: torch.cat([pa.acts[h][:c], acts[h][r, : own[j]]]) for h in hooks}
-                       for r, (j, c, pa) in enumerate(zip(batch, cs, parents, strict=True))]
+                if uniform:
+                    c0, pa0 = cs[0], parents[0]
+                    whole = {h: torch.cat([pa0.acts[h][:c0].unsqueeze(0).expand(len(batch), -1, -1), acts[h]], 1)
+                             for h in hooks}
+                    per = [{h: whole[h][r, : c0 + own[j]] for h in hooks} for r, j in enumerate(batch)]
+                else:
+                    per = [{h: torch.cat([pa.acts[h][:c], acts[h][r, : own[j]]]) for h in hooks}
+                           for r, (j, c, pa) in enumerate(zip(batch, cs, parents, strict=True))]
                 if self.logprobs:
                     known = [{p: v for p, v in pa.lp_at.items() if p < c} for pa, c in zip(parents, cs, strict=True)]
                     lps = self._logprobs([a[_FINAL_NORM_HOOK] for a in per], batch, known,
@@ -719,6 +752,22 @@ class _TreeRunner:
                                              for (pk, pv), (k_, v_) in zip(pkv, kv, strict=False)],
                                             {h: x.clone() for h, x in per[r].items()}, lps[r])
             states = nxt
+
+
+def _tree_ok_once(m: LoadedModel, tok: _Tokenized, forest: _ShareForest, hooks: Sequence[str],
+                  stop_layer: int | None, recorder: _HookRecorder, pad_id: int, logprobs: bool) -> bool:
+    """:func:`_tree_ok`, once per model and setting (its forward code, weights, compute dtype, device, hooks
+    and how they are read): whether a model handles a cache, positions and masks does not depend on the
+    texts, so later shards and captures reuse the verdict."""
+    from irm.models import compute_dtype
+
+    hf = m.hf_model
+    key = (type(hf).forward, sum(int(p._version) for p in hf.parameters()), str(compute_dtype(hf)), str(m.device),
+           tuple(hooks), stop_layer, logprobs, recorder.native is not None and _native_hooks_enabled())
+    checked = hf.__dict__.setdefault("_irm_tree_ok", {})
+    if key not in checked:
+        checked[key] = _tree_ok(m, tok, forest, hooks, stop_layer, recorder, pad_id, logprobs)
+    return checked[key]
 
 
 def _tree_ok(m: LoadedModel, tok: _Tokenized, forest: _ShareForest, hooks: Sequence[str], stop_layer: int | None,

@@ -97,6 +97,8 @@ def load_texts(
     ``source`` may be:
 
     * ``"default"``: the packaged prompts (:func:`default_prompts`);
+    * ``"human:CORPORA[:N]"``: openings (first ``N`` words, default 5) of the human-rated corpora's train
+      texts, e.g. ``"human:movies,amazon,nyt"`` (:func:`irm.data.human.corpus_openings`);
     * a local ``.txt`` file: one text per line, blank lines dropped;
     * a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, read with
       ``datasets.load_dataset`` and column ``text_field``;
@@ -115,6 +117,11 @@ def load_texts(
     _check_limit(limit)
     if _is_default(source):
         texts = default_prompts()
+    elif isinstance(source, str) and source.startswith("human:"):
+        from irm.data.human import corpus_openings, parse_openings_source
+
+        names, n_words = parse_openings_source(source)
+        texts = corpus_openings(names, n_words=n_words)
     else:
         path = _local_path(source)
         if path is not None and path.suffix.lower() == ".txt":

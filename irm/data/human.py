@@ -59,6 +59,8 @@ __all__ = [
     "FETCH_COMMAND",
     "HumanCorpus",
     "HumanDataMissing",
+    "corpus_openings",
+    "OPENINGS_PREFIX",
     "fetch_human_data",
     "human_data_path",
     "load_human_corpus",
@@ -317,3 +319,52 @@ if __name__ == "__main__":  # python -m irm.data.human: fetch and verify the arc
     path = fetch_human_data()
     sizes = {c.name: len(c) for c in load_human_corpora()}
     print(f"{path}  (sha256 ok; {sizes})")
+
+
+OPENINGS_PREFIX = "human:"
+"""``load_texts("human:movies,amazon")`` (optionally ``":N"`` words): openings of the corpora's train texts."""
+
+
+def corpus_openings(names: Sequence[str] | None = None, *, n_words: int = 5, per_corpus: int = 100,
+                    split: str = "train", path: str | Path | None = None) -> list[str]:
+    """Prompts from the human-rated corpora: the first ``n_words`` words of up to ``per_corpus`` texts of
+    each corpus's ``split`` that have at least ``n_words + 3`` words, so a model writes the rest.
+
+    The texts are taken in the order of a hash of their ids (fixed: no seed, no loading order), one
+    corpus after another, and repeated openings are dropped. The train split by default: the humans'
+    ratings of the test split stay unseen by anything tuned on these prompts.
+
+    >>> corpus_openings(["movies"], n_words=4, per_corpus=2)
+    """
+    if n_words < 1 or per_corpus < 1:
+        raise ValueError(f"n_words and per_corpus must be >= 1, got {n_words} and {per_corpus}")
+    out: dict[str, None] = {}
+    for c in load_human_corpora(names, path=path):
+        sub = c.subset(split)
+        order = sorted(range(len(sub)), key=lambda i: hashlib.sha256(f"{c.name}:{sub.ids[i]}:opening".encode()).digest())
+        k = 0
+        for i in order:
+            words = sub.texts[i].split()
+            if len(words) < n_words + 3:
+                continue
+            opening = " ".join(words[:n_words])
+            if opening not in out:
+                out[opening] = None
+                k += 1
+            if k >= per_corpus:
+                break
+    return list(out)
+
+
+def parse_openings_source(source: str) -> tuple[list[str], int]:
+    """``"human:movies,amazon:6"`` -> (["movies", "amazon"], 6); ``"human:"`` or ``"human:all"``: every corpus."""
+    body = source[len(OPENINGS_PREFIX):]
+    names_s, _, n_s = body.partition(":")
+    names = [x.strip() for x in names_s.split(",") if x.strip()] if names_s.strip() not in ("", "all") else list(CORPORA)
+    for n in names:
+        _check_corpus_name(n)
+    try:
+        n_words = int(n_s) if n_s.strip() else 5
+    except ValueError:
+        raise ValueError(f"{source!r}: the part after the corpora is a number of words, e.g. 'human:movies,nyt:5'") from None
+    return names, n_words

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["ShareTree", "batches", "cache_layers", "padded_cache", "lcp", "MIN_SHARED", "CALL_COST_TOKENS"]
+__all__ = ["ShareTree", "batches", "cache_layers", "padded_cache", "repeated_cache", "lcp", "MIN_SHARED", "CALL_COST_TOKENS"]
 
 # A text runs on an earlier text's cache when they share at least this many leading tokens.
 MIN_SHARED = 4
@@ -119,3 +119,15 @@ def padded_cache(config, kvs: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor
             ks[r, :, :c], vs[r, :, :c] = kv[layer][0][:, :c], kv[layer][1][:, :c]
         cache.update(ks, vs, layer)
     return cache, width
+
+
+def repeated_cache(config, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], shared: int, n: int):
+    """A batch's key/value cache whose ``n`` rows all hold the first ``shared`` positions of one ``kv``
+    (per layer ``(keys, values)`` of ``[heads, positions, head_dim]``): one broadcast per layer, no copy."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for layer, (k, v) in enumerate(kv):
+        cache.update(k[:, :shared].unsqueeze(0).expand(n, -1, -1, -1), v[:, :shared].unsqueeze(0).expand(n, -1, -1, -1),
+                     layer)
+    return cache

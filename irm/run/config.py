@@ -108,8 +108,9 @@ class RewardConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = _help("Prompt source: 'default' (packaged movie-review openings), a .txt/.jsonl/.csv/"
-                         ".parquet file, a save_to_disk directory or a hub dataset name.", "default")
+    prompts: str = _help("Prompt source: 'default' (packaged movie-review openings), 'human:CORPORA[:N]' (the "
+                         "first N words of the human-rated corpora's train texts, e.g. 'human:movies,amazon,nyt'), "
+                         "a .txt/.jsonl/.csv/.parquet file, a save_to_disk directory or a hub dataset name.", "default")
     text_field: str = _help("Column holding the text in JSONL/CSV/hub datasets.", "text")
     split: str = _help("Dataset split for hub datasets.", "train")
     limit: int | None = _help("Use at most this many prompts (None: all).", None)
