@@ -330,29 +330,32 @@ def corpus_openings(names: Sequence[str] | None = None, *, n_words: int = 5, per
     """Prompts from the human-rated corpora: the first ``n_words`` words of up to ``per_corpus`` texts of
     each corpus's ``split`` that have at least ``n_words + 3`` words, so a model writes the rest.
 
-    The texts are taken in the order of a hash of their ids (fixed: no seed, no loading order), one
-    corpus after another, and repeated openings are dropped. The train split by default: the humans'
+    The texts are taken in the order of a hash of their ids (fixed: no seed, no loading order), the
+    corpora in turn (so a limit keeps them balanced), and repeated openings are dropped. The train split by default: the humans'
     ratings of the test split stay unseen by anything tuned on these prompts.
 
     >>> corpus_openings(["movies"], n_words=4, per_corpus=2)
     """
     if n_words < 1 or per_corpus < 1:
         raise ValueError(f"n_words and per_corpus must be >= 1, got {n_words} and {per_corpus}")
-    out: dict[str, None] = {}
+    per: list[list[str]] = []
     for c in load_human_corpora(names, path=path):
         sub = c.subset(split)
         order = sorted(range(len(sub)), key=lambda i: hashlib.sha256(f"{c.name}:{sub.ids[i]}:opening".encode()).digest())
-        k = 0
+        mine: dict[str, None] = {}
         for i in order:
             words = sub.texts[i].split()
-            if len(words) < n_words + 3:
-                continue
-            opening = " ".join(words[:n_words])
-            if opening not in out:
-                out[opening] = None
-                k += 1
-            if k >= per_corpus:
+            if len(words) >= n_words + 3:
+                mine.setdefault(" ".join(words[:n_words]), None)
+            if len(mine) >= per_corpus:
                 break
+        per.append(list(mine))
+    # Round robin over the corpora, so that a limit keeps them balanced.
+    out: dict[str, None] = {}
+    for k in range(max((len(x) for x in per), default=0)):
+        for x in per:
+            if k < len(x):
+                out.setdefault(x[k], None)
     return list(out)
 
 
