@@ -80,7 +80,16 @@ for p in run.plots():
     if p.name.startswith("irm_"):
         display(Image(filename=str(p)))"""),
         ("md", "## Sequence level"),
-        ("code", """display(pd.DataFrame({k: v for k, v in irm.get("sequence", {}).items() if isinstance(v, dict)}).T)"""),
+        ("md", "Each scorer against the explicit RM on the base-vs-tuned pair of every held-out prompt and on pairs "
+               "of two tuned responses; the controls are the untuned base's own preference."),
+        ("code", """seq = irm.get("sequence", {})
+rows = {k: {"control": v.get("control"), "base vs tuned": (v.get("pairwise_agreement_ci") or {}).get("value"),
+            "tuned vs tuned": ((v.get("within_model") or {}).get("tuned", {}).get("pairwise_accuracy") or {}).get("value"),
+            "base vs base": ((v.get("within_model") or {}).get("base", {}).get("pairwise_accuracy") or {}).get("value")}
+        for k, v in seq.items() if isinstance(v, dict) and k != "summary"}
+display(pd.DataFrame(rows).T)
+for which, per in seq.get("summary", {}).items():
+    display(pd.DataFrame(per).T.assign(comparison=which))"""),
     ],
     "03_features.ipynb": [
         ("md", "# Features: SAEs of base and tuned, LLM labels, and the IRM checked against them"),

@@ -135,6 +135,29 @@ def test_sequence_agreement_counts_pairwise_preferences():
     assert res["pairwise_agreement_ties_half"] == 0.5
 
 
+def test_sequence_agreement_tells_tracking_the_reward_from_telling_the_models_apart():
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "fine", "nice", "poor"]
+    util = {"good": 2.0, "bad": -2.0, "nice": 1.0, "poor": -1.0}
+    rm = TokenUtilityRM(util)
+
+    def text(k):
+        return " " + " ".join(rng.choice(words, size=k))
+
+    # Tuned responses carry a marker and more "good": an RM prefers them, and so does anything that
+    # spots the marker, without knowing anything about the reward.
+    samples = [{"prompt": "it was", "base": text(3), "tuned": text(3) + " good good zz"} for _ in range(40)]
+    marker = TokenUtilityRM({"zz": 1.0})
+    res = sequence_agreement(rm, {"irm": rm}, samples, controls={"marker": marker}, n_boot=300, seed=0)
+    assert res["marker"]["control"] and not res["irm"]["control"]
+    bvt, within = res["summary"]["base_vs_tuned"]["irm"], res["summary"]["within_tuned"]["irm"]
+    assert res["marker"]["pairwise_agreement_ci"]["value"] > 0.9  # the marker alone orders the model pairs
+    assert res["marker"]["within_model"]["tuned"]["pairwise_accuracy"]["value"] == 0.5  # all tie: half
+    assert within["value"] == 1.0 and within["control"] == "marker" and within["above_control"]
+    assert within["difference"]["low"] > 0.3
+    assert not bvt["above_control"]  # on the model pairs the marker is as good as the reward itself
+
+
 def test_response_logprobs_equal_a_plain_full_forward(tiny_base):
     from irm.implicit import response_logprobs
 

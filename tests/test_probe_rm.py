@@ -210,6 +210,30 @@ def test_sequence_level_probes_are_compared_with_the_explicit_rm(tiny_irm):
     assert "Probes on whole responses" in report and "linear IRM (unsupervised)" in report
 
 
+def test_sequence_agreement_sets_the_irms_beside_the_base_controls(tiny_irm):
+    seq = tiny_irm.run.results()["irm"]["sequence"]
+    assert {"irm_linear", "irm_logratio", "control_logprob", "control_probe"} <= set(seq)
+    assert seq["control_logprob"]["control"] and seq["control_probe"]["control"] and not seq["irm_linear"]["control"]
+    n = seq["n_prompts"]
+    for name in ("irm_linear", "irm_logratio", "control_logprob", "control_probe"):
+        r = seq[name]
+        m = r["pairwise_agreement_ci"]
+        assert m["low"] <= m["value"] <= m["high"] and m["value"] == r["pairwise_agreement_ties_half"], name
+        w = r["within_model"]["tuned"]
+        assert w["n_pairs"] <= n * (n - 1) // 2 and 0 <= w["pairwise_accuracy"]["value"] <= 1, name
+    for which in ("base_vs_tuned", "within_tuned"):
+        row = seq["summary"][which]["irm_linear"]
+        assert row["control"] in ("control_logprob", "control_probe")
+        assert row["control_value"] == max(seq[c]["pairwise_agreement_ci"]["value"] if which == "base_vs_tuned"
+                                           else seq[c]["within_model"]["tuned"]["pairwise_accuracy"]["value"]
+                                           for c in ("control_logprob", "control_probe"))
+        assert row["above_control"] == (row["difference"]["low"] > 0)
+    from irm.run.report import write_report
+
+    report = write_report(tiny_irm.run_path).read_text()
+    assert "control_logprob (control)" in report and "tuned vs tuned" in report
+
+
 def test_pair_accuracy_counts_prompts_ties_and_skips_explicit_ties():
     from irm.implicit.sequence import _pair_accuracy
 

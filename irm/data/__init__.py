@@ -121,7 +121,9 @@ def load_texts(
         from irm.data.human import corpus_openings, parse_openings_source
 
         names, n_words = parse_openings_source(source)
-        texts = corpus_openings(names, n_words=n_words)
+        # 100 openings per corpus, or as many as the limit asks for (it takes the corpora in turn).
+        per_corpus = max(100, -(-limit // len(names))) if limit is not None else 100
+        texts = corpus_openings(names, n_words=n_words, per_corpus=per_corpus)
     else:
         path = _local_path(source)
         if path is not None and path.suffix.lower() == ".txt":

@@ -31,7 +31,7 @@ from irm.rewards.base import BaseRewardModel, register_reward_model
 
 log = get_logger(__name__)
 
-__all__ = ["response_logprobs", "response_logprob_sums", "token_log_ratios", "LogRatioRM"]
+__all__ = ["response_logprobs", "response_logprob_sums", "token_log_ratios", "LogRatioRM", "BaseLogprobRM"]
 
 
 @torch.no_grad()
@@ -370,6 +370,22 @@ class LogRatioRM(BaseRewardModel):
             return np.where(n > 0, total / np.maximum(n, 1), 0.0)
         return np.where(n > 0, total, 0.0)
 
+
+
+class BaseLogprobRM(BaseRewardModel):
+    """A control, never an IRM: the untuned base model's own preference, ``log p_base(response | prompt)``
+    summed over the response tokens. What an IRM's agreement with the explicit RM is measured against: a
+    pair of texts the base already orders as the RM does needs no tuning to be ordered so."""
+
+    def __init__(self, model, *, batch_size: int = 32, name: str = "control_logprob") -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.name = name
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        self._check_batch(prompts, responses)
+        sums, _ = response_logprob_sums(self.model, prompts, responses, batch_size=self.batch_size)
+        return sums
 
 
 def _model_ref(ident: dict[str, Any]) -> str:

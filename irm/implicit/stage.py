@@ -16,7 +16,7 @@ import torch
 
 from irm.activations.capture import StoreExistsError, capture_activations
 from irm.core.log import get_logger
-from irm.implicit.logratio import LogRatioRM
+from irm.implicit.logratio import BaseLogprobRM, LogRatioRM
 from irm.implicit.probe_rm import ProbeComponent, ProbeMeta, ProbeRM
 from irm.implicit.reconstruct import (
     PROBE_KINDS,
@@ -31,10 +31,12 @@ from irm.implicit.reconstruct import (
 )
 from irm.implicit.sequence import collect_sequence_data, compare_sequences
 from irm.implicit.words import NEUTRAL_WORDS, TEMPLATES, WordSplit, build_triples, word_records
+from irm.models.memo import sharing_logprobs
 from irm.rewards import TokenUtilityRM
 from irm.rewards.utilities import resolve_templates, word_utilities
 from irm.run.config import ConfigError, register_section
 from irm.run.registry import RunContext, preflight, stage
+from irm.run.report import fmt
 
 __all__ = ["IRMConfig", "collect_word_data", "sequence_agreement"]
 
@@ -129,14 +131,41 @@ def collect_word_data(pair, split: WordSplit, table: dict[str, float], hooks: li
                            "neutral_words": all_words[n:]})
 
 
-def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, str]]) -> dict[str, Any]:
-    """IRM vs explicit reward on held-out (prompt, response) pairs: rank correlation over all responses
-    and pairwise agreement on each prompt's (base response, tuned response) comparison."""
+def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, str]], *,
+                       controls: dict[str, Any] | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """IRM vs explicit reward on held-out (prompt, response) pairs, beside the untuned base's controls.
+
+    Two comparisons per scorer (IRMs and ``controls`` alike):
+
+    - **base vs tuned**: each held-out prompt's (base response, tuned response) pair, ordered as the explicit
+      RM orders it (``pairwise_agreement``; ``pairwise_agreement_ci`` counts scorer ties as one half, with a
+      bootstrap CI over prompts), and Kendall/Spearman over all responses. When the tuning worked, the RM
+      prefers the tuned response almost always, so anything that tells the two models' responses apart
+      scores high here, the base's own preference included: the controls show how much that explains.
+    - **within one model** (``within_model``): every pair of the tuned model's responses (and of the base's)
+      to different prompts, ordered as the explicit RM orders it (RM ties left out, scorer ties count one
+      half), with a bootstrap CI over responses. No model identity to lean on: the scorer has to track the
+      reward itself.
+
+    ``controls``: scorers of the untuned base (its own log-probability of the response; the word-level
+    control probe on base activations), never called the IRM (``"control": true``). ``summary`` sets each
+    IRM against the strongest control on both comparisons: the paired bootstrap difference (the same
+    resamples for every scorer) and ``above_control`` when its CI lies above 0.
+    """
+    from irm.implicit.sequence import _pair_scores
+    from irm.rewards.humans import _weighted_stats
     from probes import bootstrap_ci, kendall_tau, spearman
 
     prompts = [s["prompt"] for s in samples]
     resp_b, resp_t = [s["base"] for s in samples], [s["tuned"] for s in samples]
     n = len(samples)
+    controls = dict(controls or {})
+    scorers = {**irms, **controls}
+    rng = np.random.default_rng(seed)
+    # One set of resamples for every scorer (paired differences): prompts for the base-vs-tuned pairs,
+    # responses for the within-model pairs (a multiset of indices, as multiplicities).
+    mult = np.zeros((n_boot, n), dtype=np.float32)
+    np.add.at(mult, (np.repeat(np.arange(n_boot), n), rng.integers(0, n, size=n_boot * n)), 1.0)
 
     def score(rm) -> tuple[np.ndarray, np.ndarray]:
         # One call for both responses of every prompt: an RM that runs a shared beginning once (the
@@ -144,10 +173,19 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
         r = np.asarray(rm.score(prompts + prompts, resp_b + resp_t), dtype=np.float64)
         return r[:n], r[n:]
 
+    def ci(point: float, boots: np.ndarray) -> dict[str, float]:
+        b = boots[np.isfinite(boots)]
+        lo, hi = np.quantile(b, [0.025, 0.975]) if len(b) else (np.nan, np.nan)
+        return {"value": float(point), "low": float(lo), "high": float(hi)}
+
     e_b, e_t = score(explicit)
     out: dict[str, Any] = {"n_prompts": n}
-    for name, rm in irms.items():
+    boots: dict[str, dict[str, np.ndarray]] = {}
+    group = np.concatenate([np.arange(n), np.arange(n)])  # each sample row is one (base, tuned) pair
+    for name, rm in scorers.items():
         i_b, i_t = score(rm)
+        if not (np.isfinite(i_b).all() and np.isfinite(i_t).all()):
+            raise ValueError(f"The scorer {name!r} gave non-finite scores on the held-out samples.")
         e_all, i_all = np.concatenate([e_b, e_t]), np.concatenate([i_b, i_t])
         # Pairs the explicit RM decides; an IRM tie (e.g. a lexicon IRM that knows none of the words) is
         # neither agreement nor disagreement: counted apart, and as half in the ties-included rate.
@@ -156,17 +194,80 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
         decided = keep & (si != 0)
         n_agree = int((se == si)[decided].sum())
         res: dict[str, Any] = {
+            "control": name in controls,
             "pairwise_agreement": n_agree / int(decided.sum()) if decided.any() else None,
             "n_pairs": int(decided.sum()),
             "n_irm_ties": int((keep & (si == 0)).sum()),
             "pairwise_agreement_ties_half": ((n_agree + 0.5 * int((keep & (si == 0)).sum())) / int(keep.sum())
                                              if keep.any() else None),
         }
+        b: dict[str, np.ndarray] = {}
+        if keep.any():
+            _, counted, sc = _pair_scores(e_all, i_all, group)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                b["base_vs_tuned"] = (mult @ (counted * sc)) / (mult @ counted)
+            res["pairwise_agreement_ci"] = ci(res["pairwise_agreement_ties_half"], b["base_vs_tuned"])
         if np.ptp(i_all) > 0 and np.ptp(e_all) > 0:
             res["kendall_tau"] = bootstrap_ci(kendall_tau, e_all, i_all, n_boot=500).to_dict()
             res["spearman"] = bootstrap_ci(spearman, e_all, i_all, n_boot=500).to_dict()
+        within = {}
+        for role, e, i in (("tuned", e_t, i_t), ("base", e_b, i_b)):
+            if n >= 3 and np.ptp(e) > 0:
+                point = _weighted_stats(e, i, np.ones((1, n), dtype=np.float32), 0.0)
+                st = _weighted_stats(e, i, mult, 0.0)
+                b[f"within_{role}"] = st["pairwise_accuracy"]
+                within[role] = {"pairwise_accuracy": ci(point["pairwise_accuracy"][0], st["pairwise_accuracy"]),
+                                "kendall_tau": ci(point["kendall_tau"][0], st["kendall_tau"]),
+                                "n_pairs": int(round(point["n_pairs"][0] / 2))}
+        res["within_model"] = within
         out[name] = res
+        boots[name] = b
+    out["summary"] = _sequence_summary(out, boots, list(irms), list(controls))
     return out
+
+
+def _sequence_summary(out: dict[str, Any], boots: dict[str, dict[str, np.ndarray]], irm_names: list[str],
+                      control_names: list[str]) -> dict[str, Any]:
+    """Each IRM against the strongest control (highest point value) on the base-vs-tuned pairs and on the
+    pairs of tuned responses: both rates with CIs, the paired bootstrap difference and ``above_control``
+    (the difference's CI lies above 0)."""
+
+    def point(name: str, which: str) -> float | None:
+        r = out[name]
+        m = (r.get("pairwise_agreement_ci") if which == "base_vs_tuned"
+             else (r.get("within_model") or {}).get("tuned", {}).get("pairwise_accuracy"))
+        return None if m is None else m["value"]
+
+    summary: dict[str, Any] = {}
+    for which, key in (("base_vs_tuned", "base_vs_tuned"), ("within_tuned", "within_tuned")):
+        ctl = [(c, point(c, which)) for c in control_names if point(c, which) is not None]
+        c_name, c_val = max(ctl, key=lambda x: x[1], default=(None, None))
+        rows = {}
+        for name in irm_names:
+            v = point(name, which)
+            if v is None:
+                continue
+            b = boots[name][key]
+            m = {"value": v, "low": float(np.nanquantile(b, 0.025)), "high": float(np.nanquantile(b, 0.975)),
+                 "control": c_name, "control_value": c_val}
+            if c_name is not None:
+                d = b - boots[c_name][key]
+                d = d[np.isfinite(d)]
+                lo, hi = np.quantile(d, [0.025, 0.975])
+                m["difference"] = {"value": v - c_val, "low": float(lo), "high": float(hi)}
+                m["above_control"] = bool(lo > 0)
+            rows[name] = m
+        summary[which] = rows
+    return summary
+
+
+def _log_sequence(seq: dict[str, Any]) -> None:
+    for which, label in (("base_vs_tuned", "base-vs-tuned pairs"), ("within_tuned", "pairs of tuned responses")):
+        for name, m in (seq.get("summary") or {}).get(which, {}).items():
+            d = m.get("difference")
+            log.info("IRM %s vs the explicit RM on %s: %.3f [%.3f, %.3f]; strongest control %s %s%s", name, label,
+                     m["value"], m["low"], m["high"], m.get("control"), fmt(m.get("control_value")),
+                     f", difference {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "")
 
 
 def save_probe(ctx: RunContext, data: WordData, results, rm, *, hooks: list[str], n_boot: int = 1000,
@@ -175,6 +276,31 @@ def save_probe(ctx: RunContext, data: WordData, results, rm, *, hooks: list[str]
     :class:`~irm.implicit.probe_rm.ProbeRM`, saved to ``RUN_DIR/irm_probe``; returns (rm, info)."""
     src = best(results, PROBE_KINDS)
     cv_tau_interval(src, data.utilities[data.fit], n_boot=n_boot, seed=ctx.cfg.seed)
+    probe = _probe_rm(ctx, data, src, rm, hooks=hooks, name=name, templates=templates)
+    path = probe.save(ctx.run_path / "irm_probe")
+    info = {"path": str(path), "source": src.name, "components": [r.name for r, _ in src.linear_parts()],
+            "cv_tau_fit": src.cv_tau_fit, "cv_tau_ci": src.cv_tau_ci, "recovered": recovered(src),
+            "neutral_utility": probe.meta.neutral_utility, "kendall_tau_held_out": src.metrics["kendall_tau"]}
+    if not recovered(src):
+        log.warning("The linear IRM %s is not recovered: its cross-validated tau interval %s includes 0. It is "
+                    "saved, but read its scores as noise.", src.name, src.cv_tau_ci)
+    return probe, info
+
+
+def control_probe(ctx: RunContext, data: WordData, results, rm, *, hooks: list[str],
+                  templates: tuple[str, ...] = TEMPLATES):
+    """The word-level control as a sequence scorer: the probe on *base* activations fitted to the base's own
+    preference with the highest cross-validated tau on that target, scoring texts as the linear IRM does.
+    None when no control probe was fitted."""
+    cands = [r for r in results if r.kind == "control" and r.coef is not None and np.isfinite(r.cv_tau_fit)]
+    if not cands:
+        return None
+    src = max(cands, key=lambda r: r.cv_tau_fit)
+    return _probe_rm(ctx, data, src, rm, hooks=hooks, name="control_probe", templates=templates)
+
+
+def _probe_rm(ctx: RunContext, data: WordData, src, rm, *, hooks: list[str], name: str,
+              templates: tuple[str, ...]) -> ProbeRM:
     parts = src.linear_parts()
     neutral_u = float(np.mean(sum(w * (data.extra["neutral_feats"][r.hook][r.features] @ r.coef + r.intercept)
                                   for r, w in parts)))
@@ -185,17 +311,9 @@ def save_probe(ctx: RunContext, data: WordData, results, rm, *, hooks: list[str]
         templates=list(templates), neutral_words=list(data.extra["neutral_words"]), pair=ctx.pair.identities(),
         source=src.name,
         fit={"kind": src.kind, "n_fit_words": data.n_fit, "cv_tau_fit": src.cv_tau_fit, "cv_tau_ci": src.cv_tau_ci,
-             "held_out": src.metrics, "recovered": recovered(src), "explicit_rm": getattr(rm, "name", None),
-             "hooks_probed": hooks})
-    probe = ProbeRM(ctx.pair, meta, np.stack([r.coef for r, _ in parts]), name=name)
-    path = probe.save(ctx.run_path / "irm_probe")
-    info = {"path": str(path), "source": src.name, "components": [r.name for r, _ in parts],
-            "cv_tau_fit": src.cv_tau_fit, "cv_tau_ci": src.cv_tau_ci, "recovered": recovered(src),
-            "neutral_utility": neutral_u, "kendall_tau_held_out": src.metrics["kendall_tau"]}
-    if not recovered(src):
-        log.warning("The linear IRM %s is not recovered: its cross-validated tau interval %s includes 0. It is "
-                    "saved, but read its scores as noise.", src.name, src.cv_tau_ci)
-    return probe, info
+             "held_out": src.metrics, "recovered": recovered(src) if src.cv_tau_ci else None,
+             "explicit_rm": getattr(rm, "name", None), "hooks_probed": hooks})
+    return ProbeRM(ctx.pair, meta, np.stack([r.coef for r, _ in parts]), name=name)
 
 
 def _config_dir(ctx_cfg) -> Path | None:
@@ -335,7 +453,16 @@ def _stage_irm(ctx: RunContext) -> None:
     ctx.state["irm_results"] = results
     samples = ctx.state.get("samples")
     if cfg.sequence_eval and samples:
-        section["sequence"] = sequence_agreement(rm, irms, samples)
+        # The untuned base's controls: its own log-probability of each response, and the word-level control
+        # probe (base activations fitted to the base's own preference) scoring texts as the linear IRM does.
+        controls: dict[str, Any] = {"control_logprob": BaseLogprobRM(ctx.pair.base, batch_size=cfg.batch_size)}
+        cprobe = control_probe(ctx, data, results, rm, hooks=hooks, templates=templates)
+        if cprobe is not None:
+            controls["control_probe"] = cprobe
+        with sharing_logprobs(ctx.pair.base, ctx.pair.tuned):
+            section["sequence"] = sequence_agreement(rm, irms, samples, controls=controls, n_boot=cfg.n_boot,
+                                                     seed=ctx.cfg.seed)
+        _log_sequence(section["sequence"])
     if cfg.sequence_probes and samples:
         try:
             sdata = collect_sequence_data(ctx.pair, rm, samples, hooks, beta=beta, seed=ctx.cfg.seed,

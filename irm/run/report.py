@@ -126,11 +126,34 @@ def _irm(sec: dict[str, Any], run: Path) -> str:
                                 [[r["word"], r["explicit"], r["implicit"], r["gap"]] for r in rows]))
     seq = sec.get("sequence")
     if seq:
-        out.append(f"\nSequence level ({seq['n_prompts']} held-out prompts, base vs tuned responses):\n\n")
-        out.append(md_table(["IRM", "pairwise agreement", "pairs", "IRM ties", "Kendall tau [CI]", "Spearman [CI]"],
-                            [[k, v.get("pairwise_agreement"), v.get("n_pairs"), v.get("n_irm_ties"),
-                              ci(v.get("kendall_tau")), ci(v.get("spearman"))]
-                             for k, v in seq.items() if isinstance(v, dict)]))
+        out.append(f"\nSequence level ({seq['n_prompts']} held-out prompts): each scorer against the explicit RM on "
+                   "the (base response, tuned response) pair of every prompt, and on every pair of two tuned (or "
+                   "two base) responses to different prompts, where telling the models apart does not help. "
+                   "Controls are the untuned base's own preference (never called the IRM). 95% CIs:\n\n")
+
+        def within(v, role):
+            w = (v.get("within_model") or {}).get(role) or {}
+            return ci(w.get("pairwise_accuracy"))
+
+        out.append(md_table(["scorer", "base vs tuned (ties 1/2) [CI]", "pairs", "scorer ties", "tuned vs tuned [CI]",
+                             "base vs base [CI]", "Kendall tau, all responses [CI]"],
+                            [[k + (" (control)" if v.get("control") else ""),
+                              ci(v.get("pairwise_agreement_ci")) if v.get("pairwise_agreement_ci")
+                              else v.get("pairwise_agreement"),
+                              v.get("n_pairs"), v.get("n_irm_ties"), within(v, "tuned"), within(v, "base"),
+                              ci(v.get("kendall_tau"))]
+                             for k, v in seq.items() if isinstance(v, dict) and k != "summary"]))
+        summ = seq.get("summary") or {}
+        lines = []
+        for which, label in (("base_vs_tuned", "base-vs-tuned pairs"), ("within_tuned", "pairs of tuned responses")):
+            for name, m in summ.get(which, {}).items():
+                d = m.get("difference")
+                if d:
+                    lines.append(f"- {name}, {label}: {fmt(m['value'])} against {m['control']} {fmt(m['control_value'])}; "
+                                 f"paired difference {ci(d)}: **{'above' if m['above_control'] else 'not above'} "
+                                 "the control**")
+        if lines:
+            out.append("\n" + "\n".join(lines) + "\n")
     sp = sec.get("sequence_probes")
     if sp and "summary" in sp:
         out.append(f"\nProbes on whole responses ({sp['n_test_texts']} test texts of {sp['n_test_prompts']} held-out "
