@@ -225,6 +225,10 @@ def test_corpus_openings_are_train_prompts_as_a_prompt_source(corpora, human_dat
     train_openings = {" ".join(t.split()[:4]) for n in ("movies", "nyt") for t in corpora[n].subset("train").texts}
     assert set(got) <= train_openings  # drawn from train texts only
     assert load_texts("human:") == corpus_openings(None)  # every corpus, 5 words
+    # A limit above 100 per corpus draws more openings (taking the corpora in turn); below, the first ones.
+    more = load_texts("human:nyt", limit=250)
+    assert len(more) == 250 and more[:100] == load_texts("human:nyt") and len(set(more)) == 250
+    assert load_texts("human:movies,nyt:4", limit=10) == got[:10]
     for bad, msg in [("human:moviez", "Unknown human-rated corpus"), ("human:movies:five", "number of words")]:
         with pytest.raises(ValueError, match=msg):
             load_texts(bad)

@@ -98,7 +98,8 @@ def load_texts(
 
     * ``"default"``: the packaged prompts (:func:`default_prompts`);
     * ``"human:CORPORA[:N]"``: openings (first ``N`` words, default 5) of the human-rated corpora's train
-      texts, e.g. ``"human:movies,amazon,nyt"`` (:func:`irm.data.human.corpus_openings`);
+      texts, e.g. ``"human:movies,amazon,nyt"`` (:func:`irm.data.human.corpus_openings`): 100 of each
+      corpus, or as many as ``limit`` needs when it asks for more;
     * a local ``.txt`` file: one text per line, blank lines dropped;
     * a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, read with
       ``datasets.load_dataset`` and column ``text_field``;
