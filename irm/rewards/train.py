@@ -16,7 +16,7 @@ and how it reads its input) that ``[reward] kind = "classifier"`` and ``load_rm(
 is cached under ``CACHE/rm/KEY``, KEY a hash of the data (the archive's sha256 and the split), the backbone
 (its files' sizes and names) and the training config.
 
->>> cfg = TrainRMConfig(pairs_per_corpus=500)
+>>> cfg = TrainRMConfig(pairs_per_corpus=1000)
 >>> res = train_reward_model(cfg, cache_root=Path("~/.cache/irm").expanduser())
 >>> rm = res.load()          # a SequenceClassifierRM reading the text as it was trained
 """
@@ -61,8 +61,8 @@ class TrainRMConfig:
                                  "'smollm2-135m-instruct' (a decoder with a scalar head), or a local directory.")
     corpora: list[str] = _f(lambda: list(CORPORA), f"Human-rated corpora to train on: some of {list(CORPORA)}.")
     margin: float = _f(0.5, "Pairs: mean human ratings (-4..+4) differ by at least this much.")
-    pairs_per_corpus: int = _f(500, "Training pairs drawn per corpus (train split): 500 x 4 corpora = 125 steps "
-                                    "of 16, the measured recipe (README).")
+    pairs_per_corpus: int = _f(1000, "Training pairs drawn per corpus (train split): 1000 x 4 corpora = 250 steps "
+                                     "of 16, the measured recipe (README).")
     eval_pairs_per_corpus: int = _f(100, "Validation pairs per corpus (validation split), for the curves.")
     with_prompt: bool = _f(False, "Train on (corpus instruction + text) instead of the text alone.")
     epochs: float = _f(1.0, "Passes over the training pairs.")
