@@ -33,7 +33,7 @@ from irm.activations.capture import capture_activations, records_from_pairs
 from irm.core.log import get_logger
 from probes import RidgeProbe, bootstrap_ci, kendall_tau
 
-__all__ = ["SequenceData", "collect_sequence_data", "compare_sequences"]
+__all__ = ["SequenceData", "collect_sequence_data", "compare_sequences", "pair_scores"]
 
 log = get_logger(__name__)
 
@@ -110,7 +110,7 @@ def _pair_accuracy(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[flo
     return (agree / n if n else float("nan")), n, ties
 
 
-def _pair_scores(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pair_scores(y: np.ndarray, p: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group of ``np.unique(group)``: (groups, counted, score): a group counts when it holds two
     responses that ``y`` orders; its score is 1 (``p`` agrees), 0.5 (``p`` ties) or 0."""
     gs, inverse, sizes = np.unique(group, return_inverse=True, return_counts=True)
@@ -134,7 +134,7 @@ def _by_prompt_ci(y: np.ndarray, p: np.ndarray, group: np.ndarray, *, n_boot: in
     of a prompt go together). A resample is a multiset of prompts, so all resamples are one matrix
     product of the prompts' multiplicities with their scores."""
     rng = np.random.default_rng(seed)
-    gs, counted, score = _pair_scores(y, p, group)
+    gs, counted, score = pair_scores(y, p, group)
     value = _pair_accuracy(y, p, group)[0]
     n = len(gs)
     # One [n_boot, n] draw consumes the generator as n_boot draws of n (the same resamples as a loop).

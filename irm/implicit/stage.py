@@ -152,8 +152,8 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
     IRM against the strongest control on both comparisons: the paired bootstrap difference (the same
     resamples for every scorer) and ``above_control`` when its CI lies above 0.
     """
-    from irm.implicit.sequence import _pair_scores
-    from irm.rewards.humans import _weighted_stats
+    from irm.implicit.sequence import pair_scores
+    from irm.rewards.humans import pair_stats
     from probes import bootstrap_ci, kendall_tau, spearman
 
     prompts = [s["prompt"] for s in samples]
@@ -203,7 +203,7 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
         }
         b: dict[str, np.ndarray] = {}
         if keep.any():
-            _, counted, sc = _pair_scores(e_all, i_all, group)
+            _, counted, sc = pair_scores(e_all, i_all, group)
             with np.errstate(invalid="ignore", divide="ignore"):
                 b["base_vs_tuned"] = (mult @ (counted * sc)) / (mult @ counted)
             res["pairwise_agreement_ci"] = ci(res["pairwise_agreement_ties_half"], b["base_vs_tuned"])
@@ -213,8 +213,8 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
         within = {}
         for role, e, i in (("tuned", e_t, i_t), ("base", e_b, i_b)):
             if n >= 3 and np.ptp(e) > 0:
-                point = _weighted_stats(e, i, np.ones((1, n), dtype=np.float32), 0.0)
-                st = _weighted_stats(e, i, mult, 0.0)
+                point = pair_stats(e, i, np.ones((1, n), dtype=np.float32), 0.0)
+                st = pair_stats(e, i, mult, 0.0)
                 b[f"within_{role}"] = st["pairwise_accuracy"]
                 within[role] = {"pairwise_accuracy": ci(point["pairwise_accuracy"][0], st["pairwise_accuracy"]),
                                 "kendall_tau": ci(point["kendall_tau"][0], st["kendall_tau"]),

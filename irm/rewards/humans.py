@@ -37,6 +37,7 @@ __all__ = [
     "VaderAnalyzerRM",
     "METRICS",
     "human_agreement",
+    "pair_stats",
     "score_corpus",
     "evaluate_rms",
     "plot_human_eval",
@@ -72,8 +73,10 @@ class VaderAnalyzerRM(BaseRewardModel):
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def _weighted_stats(h: np.ndarray, s: np.ndarray, counts: np.ndarray, margin: float) -> dict[str, np.ndarray]:
-    """The metrics for each row of ``counts`` ([B, n] multiplicities of the n texts)."""
+def pair_stats(h: np.ndarray, s: np.ndarray, counts: np.ndarray, margin: float) -> dict[str, np.ndarray]:
+    """Pairwise accuracy, Kendall tau-b and Pearson r of scores ``s`` against references ``h`` (pairs whose
+    references differ by >= ``margin``; a tie of ``s`` counts one half) for each row of ``counts`` ([B, n]
+    multiplicities of the n texts: one bootstrap resample per row, or all ones for the point value)."""
     c = counts.astype(np.float32)
     dh = h[:, None] - h[None, :]
     sh = np.sign(dh).astype(np.float32)
@@ -115,7 +118,7 @@ def human_agreement(means: Sequence[float], scores: Sequence[float], *, margin: 
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}.")
     n = len(h)
-    point = _weighted_stats(h, s, np.ones((1, n)), margin)
+    point = pair_stats(h, s, np.ones((1, n)), margin)
     rng = np.random.default_rng(seed)
     boots: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
     for start in range(0, n_boot, 100):
@@ -123,7 +126,7 @@ def human_agreement(means: Sequence[float], scores: Sequence[float], *, margin: 
         idx = rng.integers(0, n, size=(b, n))
         counts = np.zeros((b, n), dtype=np.float32)
         np.add.at(counts, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
-        stats = _weighted_stats(h, s, counts, margin)
+        stats = pair_stats(h, s, counts, margin)
         for k in METRICS:
             boots[k].append(stats[k])
     out: dict[str, Any] = {"n_texts": n, "n_pairs": int(round(point["n_pairs"][0] / 2)), "margin": margin}
