@@ -142,7 +142,8 @@ def _irm(sec: dict[str, Any], run: Path) -> str:
                               else v.get("pairwise_agreement"),
                               v.get("n_pairs"), v.get("n_irm_ties"), within(v, "tuned"), within(v, "base"),
                               ci(v.get("kendall_tau"))]
-                             for k, v in seq.items() if isinstance(v, dict) and k != "summary"]))
+                             for k, v in sorted(((k, v) for k, v in seq.items() if isinstance(v, dict) and k != "summary"),
+                                                key=lambda kv: bool(kv[1].get("control")))]))
         summ = seq.get("summary") or {}
         lines = []
         for which, label in (("base_vs_tuned", "base-vs-tuned pairs"), ("within_tuned", "pairs of tuned responses")):
