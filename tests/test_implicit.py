@@ -158,6 +158,22 @@ def test_sequence_agreement_tells_tracking_the_reward_from_telling_the_models_ap
     assert not bvt["above_control"]  # on the model pairs the marker is as good as the reward itself
 
 
+def test_sequence_agreement_leaves_out_a_scorer_that_gives_nan_and_keeps_the_rest():
+    rm = TokenUtilityRM({"good": 2.0, "bad": -2.0})
+
+    class Broken:
+        def score(self, prompts, responses):
+            return np.full(len(prompts), np.nan)
+
+    samples = [{"prompt": "it was", "base": " bad" * (i % 3 + 1), "tuned": " good" * (i % 4 + 1)} for i in range(12)]
+    res = sequence_agreement(rm, {"irm": rm, "broken": Broken()}, samples, controls={"nan_control": Broken()},
+                             n_boot=100)
+    assert "not finite" in res["broken"]["skipped"] and "not finite" in res["nan_control"]["skipped"]
+    assert res["irm"]["pairwise_agreement"] == 1.0
+    row = res["summary"]["base_vs_tuned"]["irm"]
+    assert row["control"] is None and "difference" not in row and "broken" not in res["summary"]["base_vs_tuned"]
+
+
 def test_response_logprobs_equal_a_plain_full_forward(tiny_base):
     from irm.implicit import response_logprobs
 

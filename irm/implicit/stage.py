@@ -184,8 +184,13 @@ def sequence_agreement(explicit, irms: dict[str, Any], samples: list[dict[str, s
     group = np.concatenate([np.arange(n), np.arange(n)])  # each sample row is one (base, tuned) pair
     for name, rm in scorers.items():
         i_b, i_t = score(rm)
-        if not (np.isfinite(i_b).all() and np.isfinite(i_t).all()):
-            raise ValueError(f"The scorer {name!r} gave non-finite scores on the held-out samples.")
+        bad = int((~np.isfinite(i_b)).sum() + (~np.isfinite(i_t)).sum())
+        if bad:
+            # Recorded and skipped: the other scorers' results (and the stage's) are kept.
+            log.warning("sequence agreement: %s gave %d non-finite scores of %d; left out", name, bad, 2 * n)
+            out[name] = {"control": name in controls, "skipped": f"{bad} of {2 * n} scores are not finite"}
+            boots[name] = {}
+            continue
         e_all, i_all = np.concatenate([e_b, e_t]), np.concatenate([i_b, i_t])
         # Pairs the explicit RM decides; an IRM tie (e.g. a lexicon IRM that knows none of the words) is
         # neither agreement nor disagreement: counted apart, and as half in the ties-included rate.
@@ -245,12 +250,12 @@ def _sequence_summary(out: dict[str, Any], boots: dict[str, dict[str, np.ndarray
         rows = {}
         for name in irm_names:
             v = point(name, which)
-            if v is None:
+            if v is None or key not in boots[name]:
                 continue
             b = boots[name][key]
             m = {"value": v, "low": float(np.nanquantile(b, 0.025)), "high": float(np.nanquantile(b, 0.975)),
                  "control": c_name, "control_value": c_val}
-            if c_name is not None:
+            if c_name is not None and key in boots[c_name]:
                 d = b - boots[c_name][key]
                 d = d[np.isfinite(d)]
                 lo, hi = np.quantile(d, [0.025, 0.975])

@@ -137,7 +137,8 @@ def _irm(sec: dict[str, Any], run: Path) -> str:
 
         out.append(md_table(["scorer", "base vs tuned (ties 1/2) [CI]", "pairs", "scorer ties", "tuned vs tuned [CI]",
                              "base vs base [CI]", "Kendall tau, all responses [CI]"],
-                            [[k + (" (control)" if v.get("control") else ""),
+                            [[k + (" (control)" if v.get("control") else "")
+                              + (f" (left out: {v['skipped']})" if v.get("skipped") else ""),
                               ci(v.get("pairwise_agreement_ci")) if v.get("pairwise_agreement_ci")
                               else v.get("pairwise_agreement"),
                               v.get("n_pairs"), v.get("n_irm_ties"), within(v, "tuned"), within(v, "base"),
